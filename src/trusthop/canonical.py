@@ -1,0 +1,110 @@
+"""Deterministic msgpack and unpadded base64url, the byte layer of the wire format.
+
+Canonical msgpack here means: integers in their shortest form, text as ``str``
+and binary as ``bin`` (never mixed), map keys unique and sorted ascending, no
+floats, no extension types, nothing after the value. :func:`unpack_canonical`
+accepts exactly the bytes :func:`pack` would produce for the decoded value, so
+every value has one encoding and a verifier never hashes something else than
+what the signer hashed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any
+
+import msgpack
+
+_B64URL = re.compile(rb"[A-Za-z0-9_-]*\Z")
+
+
+class EncodingError(ValueError):
+    """Bytes that are not the canonical encoding of an allowed value."""
+
+
+def _sort_maps(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sort_maps(value[k]) for k in sorted(value)}
+    if isinstance(value, list | tuple):
+        return [_sort_maps(v) for v in value]
+    return value
+
+
+def pack(value: Any) -> bytes:
+    """Encode ``value`` canonically (maps sorted by key, bin for bytes)."""
+    return msgpack.packb(_sort_maps(value), use_bin_type=True)
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise EncodingError("msgpack extension types are not allowed")
+
+
+def unpack_canonical(
+    data: bytes,
+    *,
+    max_str_len: int = 4096,
+    max_bin_len: int = 4096,
+    max_array_len: int = 1024,
+    max_map_len: int = 64,
+) -> Any:
+    """Decode ``data`` and require that it is the canonical encoding of its value.
+
+    Raises:
+        EncodingError: bad msgpack, trailing bytes, extension types, floats,
+            duplicate or unsorted map keys, non-minimal integers, or any length
+            over the given limits (enforced while decoding, so a hostile length
+            prefix cannot allocate memory).
+    """
+    try:
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=False,
+            ext_hook=_reject_ext,
+            max_str_len=max_str_len,
+            max_bin_len=max_bin_len,
+            max_array_len=max_array_len,
+            max_map_len=max_map_len,
+            max_ext_len=0,
+        )
+    except EncodingError:
+        raise
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError, RecursionError) as exc:
+        raise EncodingError(f"not valid msgpack ({type(exc).__name__})") from exc
+    # Re-encoding catches duplicate keys (collapsed on decode), unsorted keys,
+    # non-minimal integers and str/bin confusion in one comparison.
+    try:
+        again = pack(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodingError("value cannot be re-encoded canonically") from exc
+    if again != data:
+        raise EncodingError("not the canonical msgpack encoding of its value")
+    return value
+
+
+def b64url_encode(data: bytes) -> str:
+    """Unpadded base64url (RFC 4648 section 5)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode unpadded base64url strictly: no padding, whitespace or other alphabet.
+
+    Raises:
+        EncodingError: on any character outside ``A-Za-z0-9-_``, a length that
+            no encoding produces, or non-zero trailing bits.
+    """
+    raw = text.encode("ascii", "strict") if text.isascii() else None
+    if raw is None or not _B64URL.match(raw) or len(raw) % 4 == 1:
+        raise EncodingError("not unpadded base64url")
+    try:
+        decoded = base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise EncodingError("not unpadded base64url") from exc
+    if b64url_encode(decoded) != text:
+        raise EncodingError("base64url with non-zero trailing bits")
+    return decoded

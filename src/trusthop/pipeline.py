@@ -1,0 +1,151 @@
+"""What every transport wrapper does per message, in one place.
+
+:class:`ChainSigner` seals an outgoing CloudEvent (origin or derived) into a
+:class:`WireEvent` carrying its chain; :class:`ChainVerifier` turns a decoded
+incoming event into a :class:`TrustedEvent` or raises :class:`TrustError`.
+:class:`Rejection` is the dead-letter record. The Kafka, AMQP and in-memory
+transports call these and nothing else, so they cannot disagree on a rule.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from cloudevents.core.v1.event import CloudEvent
+
+from trusthop.bundle import TrustBundle
+from trusthop.chain import Chain, OriginRing
+from trusthop.errors import Reason, TrustError
+from trusthop.event import WireEvent
+from trusthop.sign import DEFAULT_HOP_TTL, Identity, append_hop
+from trusthop.verify import Limits, VerifiedContext, verify_chain
+
+Clock = Callable[[], float]
+
+# Dead-letter header names (Kafka headers and AMQP headers alike).
+H_REASON = "trusthop-reason"
+H_DETAIL = "trusthop-detail"
+H_SOURCE = "trusthop-source"
+H_CONSUMER = "trusthop-consumer"
+H_ATTEMPTS = "trusthop-attempts"
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedEvent:
+    """A verified delivery: the SDK event, its verified context, its wire form."""
+
+    event: CloudEvent
+    context: VerifiedContext
+    wire: WireEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a message was dead-lettered, as written into its headers."""
+
+    reason: Reason
+    detail: str
+    source: str
+    consumer: str
+    attempts: int = 1
+
+    @classmethod
+    def of(cls, error: TrustError, *, source: str, consumer: str, attempts: int = 1) -> Rejection:
+        return cls(error.reason, error.message, source, consumer, attempts)
+
+    def headers(self) -> dict[str, str]:
+        return {
+            H_REASON: self.reason.value,
+            H_DETAIL: self.detail[:512],
+            H_SOURCE: self.source,
+            H_CONSUMER: self.consumer,
+            H_ATTEMPTS: str(self.attempts),
+        }
+
+
+class ChainSigner:
+    """Seals outgoing events for one workload identity.
+
+    Args:
+        identity: the workload's SPIFFE ID, key id and private key.
+        hop_ttl: how long a hop ring stays valid (capped by the parent).
+        clock: seconds since the epoch; injectable for tests.
+    """
+
+    def __init__(
+        self, identity: Identity, *, hop_ttl: int = DEFAULT_HOP_TTL, clock: Clock = time.time
+    ) -> None:
+        self.identity = identity
+        self.hop_ttl = hop_ttl
+        self._clock = clock
+
+    def seal(
+        self,
+        event: CloudEvent,
+        *,
+        destination: str,
+        origin: OriginRing | None = None,
+        parent: VerifiedContext | None = None,
+        scope: Iterable[str] | None = None,
+        peer: str | None = None,
+    ) -> WireEvent:
+        """Append a hop ring for ``event`` published to ``destination``.
+
+        Exactly one of ``origin`` (the first event of a request, at the edge)
+        or ``parent`` (a derived event of a verified delivery) is given.
+
+        Raises:
+            TrustError: the producer-side checks of :func:`append_hop`.
+            ValueError: neither or both of ``origin`` and ``parent``.
+        """
+        if (origin is None) == (parent is None):
+            raise ValueError("give exactly one of origin= or parent=")
+        wire = WireEvent.from_cloudevent(event)
+        chain = Chain(origin) if origin is not None else parent.chain  # type: ignore[union-attr]
+        sealed = append_hop(
+            self.identity,
+            chain,
+            event_digest=wire.digest(),
+            destination=destination,
+            now=self._clock(),
+            scope=scope,
+            ttl=self.hop_ttl,
+            consumed_event_id=parent.event_id if parent is not None else None,
+            peer=peer,
+        )
+        wire.chain = sealed.encode()
+        return wire
+
+
+class ChainVerifier:
+    """Verifies incoming events against a trust bundle.
+
+    The bundle can be replaced at any time (``verifier.bundle = new``); the
+    next message is judged by the new one.
+    """
+
+    def __init__(
+        self, bundle: TrustBundle, *, limits: Limits = Limits(), clock: Clock = time.time
+    ) -> None:
+        self.bundle = bundle
+        self.limits = limits
+        self._clock = clock
+
+    def verify(self, wire: WireEvent, destination: str) -> TrustedEvent:
+        """Verify ``wire`` as consumed from ``destination``.
+
+        Raises:
+            TrustError: any rejection (see :mod:`trusthop.verify`).
+        """
+        context = verify_chain(
+            wire.chain,
+            bundle=self.bundle,
+            event_digest=wire.digest(),
+            destination=destination,
+            now=self._clock(),
+            limits=self.limits,
+            event_id=wire.id,
+        )
+        return TrustedEvent(wire.to_cloudevent(), context, wire)

@@ -1,0 +1,236 @@
+"""Chain verification: every invariant of the design brief, no I/O.
+
+:func:`verify_chain` takes the ``trustchain`` attribute value, the digest of
+the delivered event, where it was consumed from and the current time, and
+either returns a :class:`VerifiedContext` or raises :class:`TrustError`.
+
+Checks run cheapest first and stop at the first failure, so the reason code
+names the first broken rule in this order:
+
+1. size (``too_large``) and ring count (``depth_exceeded``), before decoding;
+2. encoding and structure (``malformed``);
+3. per ring, oldest first: key lookup (``unknown_key``), revocation
+   (``revoked``), key-to-actor binding and trust domain
+   (``unauthorized_actor``), link to the previous ring (``broken_link``),
+   narrowing of scope (``scope_escalation``) and window
+   (``window_escalation``);
+4. the newest ring against the delivery: event digest (``event_mismatch``),
+   destination (``wrong_destination``), time (``expired``,
+   ``not_yet_valid``);
+5. every signature (``bad_signature``), the only expensive step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from trusthop.bundle import BundleKey, TrustBundle
+from trusthop.chain import Chain, HopRing, OriginRing, Ring, decode_chain
+from trusthop.errors import Reason, TrustError
+from trusthop.spiffe import trust_domain_of
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds enforced before any signature is checked.
+
+    ``max_bytes`` counts characters of the encoded attribute; ``leeway`` is
+    the clock skew in seconds tolerated on both ends of the time window.
+    """
+
+    max_bytes: int = 16 * 1024
+    max_rings: int = 32
+    leeway: int = 60
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedContext:
+    """What a handler may rely on after verification.
+
+    ``scope`` is the effective (newest, narrowest) scope; ``actors`` is the
+    path oldest first, the origin's edge actor included; ``chain`` is the
+    decoded chain, which a derived event extends.
+    """
+
+    subject: str
+    issuer: str
+    transaction_id: str
+    trust_domain: str
+    scope: frozenset[str]
+    actors: tuple[str, ...]
+    destination: str
+    expires_at: int
+    chain: Chain
+    event_id: str | None = None
+
+    @property
+    def chain_digest(self) -> bytes:
+        """Hash of the newest ring: identifies this exact chain."""
+        return self.chain.hashes()[-1]
+
+
+def check_binding(ring: Ring, index: int, entry: BundleKey | None, bundle: TrustBundle,
+                  trust_domain: str) -> BundleKey:
+    """Key lookup, revocation and actor binding for one ring."""
+    if entry is None:
+        raise TrustError(
+            Reason.UNKNOWN_KEY, f"ring {index}: key id {ring.kid!r} is not in the trust bundle",
+            ring=index,
+        )
+    if entry.revoked:
+        raise TrustError(Reason.REVOKED, f"ring {index}: key {ring.kid!r} is revoked", ring=index)
+    if ring.actor in bundle.revoked_actors:
+        raise TrustError(Reason.REVOKED, f"ring {index}: actor {ring.actor} is revoked",
+                         ring=index)
+    if entry.actor != ring.actor:
+        raise TrustError(
+            Reason.UNAUTHORIZED_ACTOR,
+            f"ring {index}: key {ring.kid!r} belongs to {entry.actor}, not {ring.actor}",
+            ring=index,
+        )
+    if trust_domain_of(ring.actor) != trust_domain:
+        raise TrustError(
+            Reason.UNAUTHORIZED_ACTOR,
+            f"ring {index}: actor {ring.actor} is outside trust domain {trust_domain}",
+            ring=index,
+        )
+    return entry
+
+
+def check_narrowing(prev: Ring, ring: HopRing, index: int) -> None:
+    """Monotonic narrowing: scope subset and window inside the previous ring's."""
+    if not ring.scope <= prev.scope:
+        extra = ", ".join(sorted(ring.scope - prev.scope))
+        raise TrustError(
+            Reason.SCOPE_ESCALATION, f"ring {index} adds scope not granted before it: {extra}",
+            ring=index,
+        )
+    if ring.iat < prev.iat or ring.exp > prev.exp or ring.iat > ring.exp:
+        raise TrustError(
+            Reason.WINDOW_ESCALATION,
+            f"ring {index} window [{ring.iat}, {ring.exp}] is not inside "
+            f"[{prev.iat}, {prev.exp}]",
+            ring=index,
+        )
+
+
+def check_window(ring: Ring, now: float, leeway: int) -> None:
+    """The newest ring's window, which nests inside all earlier windows."""
+    if now > ring.exp + leeway:
+        raise TrustError(Reason.EXPIRED, f"chain expired at {ring.exp} (now {int(now)})")
+    if now + leeway < ring.iat:
+        raise TrustError(Reason.NOT_YET_VALID, f"chain is valid from {ring.iat} (now {int(now)})")
+
+
+def check_structure(chain: Chain, bundle: TrustBundle) -> list[BundleKey]:
+    """Steps 3 of the module contract for every ring; returns each ring's key."""
+    origin = chain.origin
+    if origin.iat > origin.exp:
+        raise TrustError(Reason.WINDOW_ESCALATION, "ring 0 window ends before it starts", ring=0)
+    domain = origin.trust_domain
+    entries = [check_binding(origin, 0, bundle.get(origin.kid), bundle, domain)]
+    hashes = chain.hashes()
+    prev: Ring = origin
+    for index, hop in enumerate(chain.hops, start=1):
+        entries.append(check_binding(hop, index, bundle.get(hop.kid), bundle, domain))
+        if hop.prev_hash != hashes[index - 1]:
+            raise TrustError(
+                Reason.BROKEN_LINK,
+                f"ring {index} does not name the hash of ring {index - 1}",
+                ring=index,
+            )
+        check_narrowing(prev, hop, index)
+        prev = hop
+    return entries
+
+
+SignatureCheck = Callable[[Ring, BundleKey], bool]
+
+
+def _check_signature(ring: Ring, entry: BundleKey) -> bool:
+    return entry.key.verify(ring.signature, ring.signing_input())
+
+
+def verify_decoded(
+    chain: Chain,
+    *,
+    bundle: TrustBundle,
+    event_digest: bytes,
+    destination: str,
+    now: float,
+    limits: Limits = Limits(),
+    event_id: str | None = None,
+    signature_check: SignatureCheck = _check_signature,
+) -> VerifiedContext:
+    """Verify an already decoded chain (see :func:`verify_chain`).
+
+    ``signature_check`` lets a caller skip signatures it has already verified
+    (a cache of verified ring hashes); it must return the same answer as the
+    default for every ring it is asked about.
+    """
+    entries = check_structure(chain, bundle)
+    newest = chain.newest
+    if not isinstance(newest, HopRing):
+        raise TrustError(Reason.MALFORMED, "chain has an origin ring but no hop ring")
+    if newest.event_digest != event_digest:
+        raise TrustError(
+            Reason.EVENT_MISMATCH,
+            "the event does not match the digest signed by the newest ring",
+            ring=len(chain.hops),
+        )
+    if newest.destination != destination:
+        raise TrustError(
+            Reason.WRONG_DESTINATION,
+            f"signed for {newest.destination!r} but consumed from {destination!r}",
+            ring=len(chain.hops),
+        )
+    check_window(newest, now, limits.leeway)
+    for index, (ring, entry) in enumerate(zip(chain.rings, entries, strict=True)):
+        if not signature_check(ring, entry):
+            raise TrustError(
+                Reason.BAD_SIGNATURE, f"ring {index}: signature does not verify", ring=index
+            )
+    origin: OriginRing = chain.origin
+    return VerifiedContext(
+        subject=origin.subject,
+        issuer=origin.issuer,
+        transaction_id=origin.transaction_id,
+        trust_domain=origin.trust_domain,
+        scope=newest.scope,
+        actors=tuple(r.actor for r in chain.rings),
+        destination=destination,
+        expires_at=newest.exp,
+        chain=chain,
+        event_id=event_id,
+    )
+
+
+def verify_chain(
+    encoded: str | None,
+    *,
+    bundle: TrustBundle,
+    event_digest: bytes,
+    destination: str,
+    now: float,
+    limits: Limits = Limits(),
+    event_id: str | None = None,
+) -> VerifiedContext:
+    """Verify a ``trustchain`` attribute against the event it arrived with.
+
+    Raises:
+        TrustError: with the reason of the first failed check (module docstring
+            gives the order); ``missing_chain`` when ``encoded`` is ``None``.
+    """
+    if encoded is None:
+        raise TrustError(Reason.MISSING_CHAIN, "the event carries no trustchain attribute")
+    chain = decode_chain(encoded, max_bytes=limits.max_bytes, max_rings=limits.max_rings)
+    return verify_decoded(
+        chain,
+        bundle=bundle,
+        event_digest=event_digest,
+        destination=destination,
+        now=now,
+        limits=limits,
+        event_id=event_id,
+    )
