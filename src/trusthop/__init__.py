@@ -1,0 +1,56 @@
+"""trusthop: signed trust chains for CloudEvents crossing Kafka and RabbitMQ.
+
+The edge verifies a user's token once and mints an origin ring; every
+workload that publishes a derived event appends a signed hop ring; every
+consumer verifies the whole chain before its handler runs. See ``docs/``.
+"""
+
+from trusthop.bundle import BundleError, BundleKey, TrustBundle
+from trusthop.chain import Chain, HopRing, OriginRing, decode_chain
+from trusthop.destination import amqp_destination, kafka_destination
+from trusthop.digest import event_digest
+from trusthop.errors import Reason, TrustError
+from trusthop.event import WireEvent
+from trusthop.keys import PublicKey, SigningKey
+from trusthop.memory import MemoryBroker, MemoryConsumer, MemoryProducer
+from trusthop.pipeline import ChainSigner, ChainVerifier, Rejection, TrustedEvent
+from trusthop.sign import Identity, append_hop, hash_credential, mint_origin
+from trusthop.spiffe import SpiffeId, validate_spiffe_id
+from trusthop.verify import Limits, VerifiedContext, verify_chain
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BundleError",
+    "BundleKey",
+    "Chain",
+    "ChainSigner",
+    "ChainVerifier",
+    "HopRing",
+    "Identity",
+    "Limits",
+    "MemoryBroker",
+    "MemoryConsumer",
+    "MemoryProducer",
+    "OriginRing",
+    "PublicKey",
+    "Reason",
+    "Rejection",
+    "SigningKey",
+    "SpiffeId",
+    "TrustBundle",
+    "TrustError",
+    "TrustedEvent",
+    "VerifiedContext",
+    "WireEvent",
+    "__version__",
+    "amqp_destination",
+    "append_hop",
+    "decode_chain",
+    "event_digest",
+    "hash_credential",
+    "kafka_destination",
+    "mint_origin",
+    "validate_spiffe_id",
+    "verify_chain",
+]

@@ -1,0 +1,277 @@
+"""The ``trusthop`` command line: keygen, emit, inspect, verify, demo.
+
+Exit codes: 0 success, 1 a message was rejected (or the demo saw a broken
+expectation), 2 bad usage or unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from trusthop.bindings.structured import decode_structured, encode_structured
+from trusthop.bundle import BundleError, TrustBundle
+from trusthop.chain import decode_chain
+from trusthop.errors import Reason, TrustError
+from trusthop.keys import SigningKey
+from trusthop.pipeline import ChainSigner, ChainVerifier
+from trusthop.render import chain_json, chain_path, chain_text, context_json, short_name
+from trusthop.sign import Identity, mint_origin
+from trusthop.spiffe import validate_spiffe_id
+from trusthop.verify import Limits
+
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments or unreadable input files (exit code 2)."""
+
+
+def _read(path: str) -> bytes:
+    try:
+        return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _spiffe(value: str) -> str:
+    try:
+        return validate_spiffe_id(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r}: {exc}") from exc
+
+
+def _bundle(path: str) -> TrustBundle:
+    try:
+        return TrustBundle.load(path)
+    except BundleError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = SigningKey.generate()
+    identity = Identity.create(args.actor, key)
+    bundle_path = out / "bundle.jwks.json"
+    bundle = _bundle(str(bundle_path)) if bundle_path.exists() else TrustBundle()
+    if bundle.get(identity.kid) is not None:
+        raise UsageError(f"key id {identity.kid} is already in {bundle_path}")
+    key_path = out / f"{short_name(args.actor)}.key.pem"
+    if key_path.exists():
+        key_path = out / f"{short_name(args.actor)}-{identity.kid[:8]}.key.pem"
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.to_pem())
+    bundle = bundle.with_key(identity.bundle_key)
+    bundle_path.write_text(json.dumps(bundle.to_jwks(), indent=2) + "\n", encoding="utf-8")
+    print(
+        json.dumps(
+            {
+                "actor": args.actor,
+                "kid": identity.kid,
+                "key": str(key_path),
+                "bundle": str(bundle_path),
+            }
+        )
+    )
+    return EXIT_OK
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    try:
+        identity = Identity.create(args.actor, SigningKey.load(args.key))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load key {args.key}: {exc}") from exc
+    wire = decode_structured(_read(args.event))
+    event = wire.to_cloudevent()
+    signer = ChainSigner(identity, hop_ttl=args.ttl)
+    scope = args.scope or None
+    if args.subject is not None:
+        credential = _read(args.credential_file).strip() if args.credential_file else b""
+        origin = mint_origin(
+            identity,
+            subject=args.subject,
+            issuer=args.issuer,
+            credential=credential,
+            scope=scope or (),
+            now=time.time(),
+            ttl=args.ttl,
+        )
+        sealed = signer.seal(event, destination=args.dest, origin=origin)
+    else:
+        parent = decode_structured(_read(args.parent))
+        if args.bundle:
+            trusted = ChainVerifier(_bundle(args.bundle)).verify(
+                parent, args.parent_dest or _newest_destination(parent.chain)
+            )
+            sealed = signer.seal(event, destination=args.dest, parent=trusted.context, scope=scope)
+        else:
+            print("trusthop emit: parent chain not verified (no --bundle)", file=sys.stderr)
+            chain = decode_chain(
+                parent.chain or "", max_bytes=Limits().max_bytes, max_rings=Limits().max_rings
+            )
+            sealed = signer.seal(
+                event, destination=args.dest, parent=chain, scope=scope, consumed_event_id=parent.id
+            )
+    sys.stdout.write(encode_structured(sealed).decode("utf-8") + "\n")
+    return EXIT_OK
+
+
+def _newest_destination(encoded: str | None) -> str:
+    if encoded is None:
+        return ""
+    chain = decode_chain(encoded, max_bytes=Limits().max_bytes, max_rings=Limits().max_rings)
+    newest = chain.newest
+    return getattr(newest, "destination", "")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    wire = decode_structured(_read(args.file))
+    if wire.chain is None:
+        raise TrustError(Reason.MISSING_CHAIN, "the event carries no trustchain attribute")
+    chain = decode_chain(wire.chain, max_bytes=Limits().max_bytes, max_rings=Limits().max_rings)
+    if args.json:
+        print(
+            json.dumps(
+                {"event_id": wire.id, "rings": chain_json(chain), "path": chain_path(chain)},
+                indent=2,
+            )
+        )
+    else:
+        print(f"event {wire.id}  ({len(chain.rings)} rings, {len(wire.chain)} bytes)")
+        print(chain_path(chain))
+        print(chain_text(chain))
+    return EXIT_OK
+
+
+def _lines(data: bytes) -> Iterator[bytes]:
+    for line in data.splitlines():
+        if line.strip():
+            yield line
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    verifier = ChainVerifier(_bundle(args.bundle))
+    data = _read(args.file)
+    documents = list(_lines(data)) if args.jsonl else [data]
+    worst = EXIT_OK
+    for document in documents:
+        verdict: dict[str, Any]
+        try:
+            trusted = verifier.verify(decode_structured(document), args.dest)
+        except TrustError as error:
+            verdict = {"valid": False, "reason": error.reason.value, "detail": error.message}
+            worst = EXIT_REJECTED
+        else:
+            verdict = {"valid": True, **context_json(trusted.context)}
+        if args.jsonl:
+            print(json.dumps(verdict))
+        elif verdict["valid"]:
+            print(json.dumps(verdict, indent=2))
+        else:
+            print(f"rejected: {verdict['reason']}: {verdict['detail']}", file=sys.stderr)
+            print(json.dumps(verdict))
+    return worst
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trusthop.demo import run_demo
+    from trusthop.demo.render import print_report
+
+    if (args.kafka is None) != (args.amqp is None):
+        raise UsageError("--kafka and --amqp go together (or neither, for in-memory)")
+    if args.kafka is not None:
+        from trusthop.demo.brokers import BrokerBus
+
+        bus: Any = BrokerBus(kafka=args.kafka, amqp=args.amqp)
+    else:
+        from trusthop.demo.bus import MemoryBus
+
+        bus = MemoryBus()
+
+    async def main() -> Any:
+        try:
+            return await run_demo(bus)
+        finally:
+            await bus.close()
+
+    report = asyncio.run(main())
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print_report(report, sys.stdout)
+    return EXIT_OK if report.ok else EXIT_REJECTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trusthop", description="Signed trust chains for CloudEvents on Kafka and RabbitMQ."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("keygen", help="create an Ed25519 key and add it to DIR/bundle.jwks.json")
+    p.add_argument("--actor", required=True, type=_spiffe, help="the workload's SPIFFE ID")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("emit", help="sign a structured-mode CloudEvent (origin or derived)")
+    p.add_argument("--key", required=True, metavar="KEY.pem")
+    p.add_argument("--actor", required=True, type=_spiffe)
+    p.add_argument("--dest", required=True, help="destination, e.g. kafka:orders")
+    p.add_argument("--scope", action="append", default=[], metavar="S")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--subject", help="mint an origin ring for this subject")
+    who.add_argument("--parent", metavar="PARENT.json", help="append to this event's chain")
+    p.add_argument("--issuer", default="urn:trusthop:cli", help="origin: issuer of the credential")
+    p.add_argument(
+        "--credential-file", help="origin: the verified credential (only its hash is kept)"
+    )
+    p.add_argument("--bundle", help="derived: verify the parent against this bundle first")
+    p.add_argument("--parent-dest", help="derived: where the parent was consumed from")
+    p.add_argument("--ttl", type=int, default=24 * 3600, help="ring lifetime in seconds")
+    p.add_argument("event", metavar="EVENT.json")
+    p.set_defaults(func=cmd_emit)
+
+    p = sub.add_parser("inspect", help="decode and show a chain (no verification)")
+    p.add_argument("file", metavar="FILE|-")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="verify events; exit 1 if any is rejected")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--dest", required=True, help="where the event was consumed from")
+    p.add_argument("--jsonl", action="store_true", help="one event per line, one verdict per line")
+    p.add_argument("file", metavar="FILE|-")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("demo", help="run the end-to-end demo with attacks mixed in")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--kafka", metavar="HOST:PORT", help="real Kafka bootstrap server")
+    p.add_argument("--amqp", metavar="URL", help="real RabbitMQ URL")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, stderr: TextIO | None = None) -> int:
+    """Run the CLI; returns the exit code (see module docstring)."""
+    err = stderr or sys.stderr
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except UsageError as exc:
+        print(f"trusthop: {exc}", file=err)
+        return EXIT_USAGE
+    except TrustError as exc:
+        print(f"trusthop: rejected: {exc.reason.value}: {exc.message}", file=err)
+        return EXIT_REJECTED
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

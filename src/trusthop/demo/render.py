@@ -1,0 +1,39 @@
+"""Human output of the demo."""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+from trusthop.demo.flow import DemoReport
+from trusthop.render import short_name
+
+
+def print_report(report: DemoReport, out: TextIO) -> None:
+    """Each delivery as a readable path, each rejection with its reason."""
+    out.write(f"trusthop demo on the {report.transport} transport\n\n")
+    out.write("Delivered (verified before the handler ran):\n")
+    for d in report.delivered:
+        path = " → ".join(short_name(a) for a in d.actors[1:])
+        out.write(
+            f"  {d.consumer:<9} {d.type:<32} for {d.subject:<16} "
+            f"path: {short_name(d.actors[0])}[origin] → {path}  scope: {' '.join(d.scope)}\n"
+        )
+    out.write("\nRejected (dead-lettered with their reason):\n")
+    for r in report.rejected:
+        out.write(f"  {r.consumer:<9} {r.scenario:<26} → {r.reason}  (event {r.event_id})\n")
+    audited = [d for d in report.delivered if d.consumer == "auditor"]
+    if audited:
+        out.write("\nFull chains seen by the auditor:\n")
+        for d in audited:
+            out.write(f"  transaction {d.transaction_id} ({d.subject}):\n")
+            out.write(f"    {d.path}\n")
+    out.write("\n")
+    if report.ok:
+        out.write(
+            f"OK: {len(report.delivered)} deliveries verified, "
+            f"{len(report.rejected)} attacks rejected, nothing lost.\n"
+        )
+    else:
+        out.write("PROBLEMS:\n")
+        for problem in report.problems:
+            out.write(f"  {problem}\n")

@@ -1,0 +1,106 @@
+"""Readable and JSON renderings of chains and verified contexts (no I/O)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from trusthop.canonical import b64url_encode
+from trusthop.chain import Chain, HopRing, OriginRing
+from trusthop.verify import VerifiedContext
+
+
+def short_name(actor: str) -> str:
+    """The last path segment of a SPIFFE ID (``.../sa/inventory`` → ``inventory``)."""
+    return actor.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _when(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def ring_json(ring: OriginRing | HopRing, index: int, ring_hash: bytes) -> dict[str, Any]:
+    """One ring as JSON-friendly data (hashes and signature in base64url)."""
+    out: dict[str, Any] = {
+        "index": index,
+        "kind": "origin" if isinstance(ring, OriginRing) else "hop",
+        "actor": ring.actor,
+        "kid": ring.kid,
+        "scope": sorted(ring.scope),
+        "iat": ring.iat,
+        "exp": ring.exp,
+        "hash": b64url_encode(ring_hash),
+        "signature": b64url_encode(ring.signature),
+    }
+    if isinstance(ring, OriginRing):
+        out |= {
+            "subject": ring.subject,
+            "issuer": ring.issuer,
+            "credential_hash": b64url_encode(ring.credential_hash),
+            "transaction_id": ring.transaction_id,
+            "trust_domain": ring.trust_domain,
+        }
+        if ring.acr is not None:
+            out["acr"] = ring.acr
+        if ring.amr is not None:
+            out["amr"] = list(ring.amr)
+    else:
+        out |= {
+            "prev_hash": b64url_encode(ring.prev_hash),
+            "event_digest": b64url_encode(ring.event_digest),
+            "destination": ring.destination,
+        }
+        if ring.consumed_event_id is not None:
+            out["consumed_event_id"] = ring.consumed_event_id
+        if ring.peer is not None:
+            out["peer"] = ring.peer
+    return out
+
+
+def chain_json(chain: Chain) -> list[dict[str, Any]]:
+    return [
+        ring_json(r, i, h) for i, (r, h) in enumerate(zip(chain.rings, chain.hashes(), strict=True))
+    ]
+
+
+def chain_path(chain: Chain) -> str:
+    """``gateway[origin user:alice] → gateway ⇒ kafka:orders → inventory ⇒ ...``."""
+    origin = chain.origin
+    parts = [f"{short_name(origin.actor)}[origin {origin.subject}]"]
+    parts += [f"{short_name(h.actor)} ⇒ {h.destination}" for h in chain.hops]
+    return " → ".join(parts)
+
+
+def chain_text(chain: Chain) -> str:
+    """A multi-line human description of every ring."""
+    lines = []
+    for ring in chain_json(chain):
+        head = f"ring {ring['index']} {ring['kind']:6} {ring['actor']}"
+        window = f"{_when(ring['iat'])} .. {_when(ring['exp'])}"
+        lines.append(head)
+        if ring["kind"] == "origin":
+            lines.append(f"    subject {ring['subject']}  issuer {ring['issuer']}")
+            lines.append(f"    transaction {ring['transaction_id']}")
+        else:
+            lines.append(f"    published to {ring['destination']}")
+            if "consumed_event_id" in ring:
+                lines.append(f"    derived from event {ring['consumed_event_id']}")
+        lines.append(f"    scope {' '.join(ring['scope']) or '(none)'}")
+        lines.append(f"    valid {window}  kid {ring['kid']}")
+    return "\n".join(lines)
+
+
+def context_json(context: VerifiedContext) -> dict[str, Any]:
+    """The verified context as JSON-friendly data."""
+    return {
+        "subject": context.subject,
+        "issuer": context.issuer,
+        "transaction_id": context.transaction_id,
+        "trust_domain": context.trust_domain,
+        "scope": sorted(context.scope),
+        "actors": list(context.actors),
+        "destination": context.destination,
+        "expires_at": context.expires_at,
+        "event_id": context.event_id,
+        "chain_digest": b64url_encode(context.chain_digest),
+    }
