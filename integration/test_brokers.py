@@ -21,29 +21,33 @@ KAFKA_HEADERS: list[tuple[str, bytes | None]] = [
 ]
 
 
-def _consumer(bootstrap: str, topic: str, group: str) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=group,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-
-
-async def test_kafka_roundtrip_headers_group_commit(kafka_bootstrap: str, unique_name: str) -> None:
+async def test_kafka_roundtrip_headers_group_commit(
+    kafka_bootstrap: str, kafka_consumer_options: dict[str, int], unique_name: str
+) -> None:
     topic, group = f"{unique_name}-topic", f"{unique_name}-group"
 
+    # The topic does not exist yet: it is auto-created on first produce.
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()
     try:
         first = await producer.send_and_wait(
             topic, value=b"first", key=b"k1", headers=KAFKA_HEADERS
         )
+        second = await producer.send_and_wait(
+            topic, value=b"second", key=b"k1", partition=first.partition
+        )
     finally:
         await producer.stop()
+    assert second.offset == first.offset + 1
 
-    consumer = _consumer(kafka_bootstrap, topic, group)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        **kafka_consumer_options,
+    )
     await consumer.start()
     try:
         msg = await asyncio.wait_for(consumer.getone(), RECEIVE_TIMEOUT)
@@ -57,31 +61,33 @@ async def test_kafka_roundtrip_headers_group_commit(kafka_bootstrap: str, unique
     finally:
         await consumer.stop()
 
-    # The committed offset is honoured: the same group resumes after "first".
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-    await producer.start()
+    # The committed offset is what the group resumes from. A manually assigned
+    # consumer of the same group reads it without waiting for a rebalance.
+    resumed = AIOKafkaConsumer(
+        bootstrap_servers=kafka_bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await resumed.start()
     try:
-        await producer.send_and_wait(topic, value=b"second", key=b"k1", partition=msg.partition)
-    finally:
-        await producer.stop()
-
-    consumer = _consumer(kafka_bootstrap, topic, group)
-    await consumer.start()
-    try:
-        again = await asyncio.wait_for(consumer.getone(), RECEIVE_TIMEOUT)
-        assert again.value == b"second"
-        assert again.offset == msg.offset + 1
+        resumed.assign([tp])
+        again = await asyncio.wait_for(resumed.getone(), RECEIVE_TIMEOUT)
+        assert (again.offset, again.value) == (second.offset, b"second")
         assert list(again.headers) == []
     finally:
-        await consumer.stop()
+        await resumed.stop()
 
 
 async def test_rabbitmq_confirmed_publish_and_get(amqp_url: str, unique_name: str) -> None:
+    # pamqp encodes bytearray (AMQP field type 'x') but refuses bytes, and
+    # decodes 'x' back to bytearray; None travels as void ('V').
     headers: dict[str, aio_pika.abc.FieldValue] = {
         "ce-specversion": "1.0",
         "th-count": 3,
         "th-flag": True,
-        "th-binary": b"\xff\xfe\x00\x80",
+        "th-null": None,
+        "th-binary": bytearray(b"\xff\xfe\x00\x80"),
     }
     connection = await aio_pika.connect_robust(amqp_url)
     async with connection:
