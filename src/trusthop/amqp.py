@@ -1,0 +1,683 @@
+"""RabbitMQ (AMQP 0-9-1) shell: aio-pika wrappers that seal and verify trust chains.
+
+Two small objects wrap an aio-pika channel by composition; the channel stays
+the user's, opened the usual way::
+
+    connection = await aio_pika.connect_robust(url)
+    channel = await connection.channel(publisher_confirms=True)
+
+    publisher = TrustedPublisher(channel, signer=signer)
+    await publisher.publish(event, exchange="orders", routing_key="order.created",
+                            origin=origin)
+
+    worker = TrustedWorker(channel, verifier=verifier)
+
+    @worker.handler("billing", bind=[("orders", "order.created")])
+    async def on_order(delivery: Delivery) -> None:
+        ...  # runs only for verified events; the message is acked after it returns
+
+    async with worker:
+        ...
+
+Every rule (sealing, decoding, verification, dead-letter headers) is the
+core's: :class:`~trusthop.pipeline.ChainSigner`,
+:func:`~trusthop.bindings.amqp.encode_amqp` /
+:func:`~trusthop.bindings.amqp.decode_amqp`,
+:class:`~trusthop.pipeline.ChainVerifier` and
+:class:`~trusthop.pipeline.Rejection`. This module only moves messages.
+
+Delivery contract of :class:`TrustedWorker`, per message:
+
+1. decode and verify (against ``amqp:<exchange>/<routing key>`` of the
+   delivery) before any handler code runs;
+2. a :class:`~trusthop.errors.TrustError` dead-letters the message at once:
+   it is re-published, with publisher confirm, to the dead-letter exchange,
+   and only then acked (never requeued);
+3. a verified message goes to the handler; the message is acked after the
+   handler returns. A handler that raises is retried in-process up to
+   ``max_attempts`` times, then the message is dead-lettered with reason
+   ``handler_failed``;
+4. if the dead letter cannot be published (no confirm, returned, channel
+   lost) the original is requeued, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import aio_pika
+from aio_pika import DeliveryMode
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    HeadersType,
+)
+from aio_pika.exceptions import DeliveryError, PublishError
+from aiormq.abc import DeliveredMessage
+from cloudevents.core.v1.event import CloudEvent
+from pamqp.common import FieldValue
+
+from trusthop.bindings.amqp import decode_amqp, encode_amqp
+from trusthop.chain import OriginRing
+from trusthop.destination import amqp_destination
+from trusthop.errors import Reason, TrustError
+from trusthop.event import WireEvent
+from trusthop.pipeline import ChainSigner, ChainVerifier, Rejection, TrustedEvent
+from trusthop.verify import VerifiedContext
+
+__all__ = [
+    "DEFAULT_DEAD_LETTER_EXCHANGE",
+    "DLQ_SUFFIX",
+    "Delivery",
+    "Handler",
+    "PublishRefused",
+    "TrustedPublisher",
+    "TrustedWorker",
+    "WorkerStats",
+    "dead_letter_headers",
+    "dead_letter_queue_name",
+    "verify_delivery",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEAD_LETTER_EXCHANGE = "trusthop.dlx"
+DLQ_SUFFIX = ".dlq"
+
+# Headers never copied from a rejected message into its dead letter:
+# ``trusthop-*`` (only the worker writes those) and the sender-selected
+# distribution headers RabbitMQ acts on at publish time (``CC`` would route
+# copies of an attacker's message to other queues bound to the DLX).
+_OWN_PREFIX = "trusthop-"
+_ROUTING_HEADERS = frozenset({"cc", "bcc"})
+
+
+class PublishRefused(Exception):
+    """The broker did not take responsibility for a published message.
+
+    Attributes:
+        exchange: exchange name the message was published to.
+        routing_key: its routing key.
+        returned: ``True`` when the broker returned the message as unroutable
+            (``mandatory`` and no binding matched), ``False`` for a nack.
+        reply_code: AMQP reply code of a return (``312`` NO_ROUTE), else ``None``.
+        reply_text: AMQP reply text of a return, else ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exchange: str,
+        routing_key: str,
+        returned: bool,
+        reply_code: int | None = None,
+        reply_text: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.returned = returned
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+
+def _returned(exchange: str, routing_key: str, frame: object) -> PublishRefused:
+    code = getattr(frame, "reply_code", None)
+    text = getattr(frame, "reply_text", None)
+    return PublishRefused(
+        f"broker returned the message published to exchange {exchange!r} with routing key "
+        f"{routing_key!r}: {code} {text} (no queue is bound for it)",
+        exchange=exchange,
+        routing_key=routing_key,
+        returned=True,
+        reply_code=code if isinstance(code, int) else None,
+        reply_text=text if isinstance(text, str) else None,
+    )
+
+
+async def _publish_confirmed(
+    exchange: AbstractExchange,
+    message: aio_pika.Message,
+    *,
+    routing_key: str,
+    mandatory: bool,
+) -> None:
+    """Publish and wait for the broker's confirm; refuse anything but an ack.
+
+    aio-pika 10 reports an unroutable ``mandatory`` message in two ways,
+    depending on the channel's ``on_return_raises``: it raises
+    :class:`aio_pika.exceptions.PublishError`, or (the default) it *returns*
+    the returned message instead of the ``Basic.Ack``. Both become
+    :class:`PublishRefused`, as does a nack (``DeliveryError``).
+    """
+    name = exchange.name
+    try:
+        result = await exchange.publish(message, routing_key=routing_key, mandatory=mandatory)
+    except PublishError as exc:  # returned, channel opened with on_return_raises=True
+        raise _returned(name, routing_key, exc.frame) from exc
+    except DeliveryError as exc:  # Basic.Nack / Basic.Reject
+        raise PublishRefused(
+            f"broker refused (nacked) the message published to exchange {name!r} with "
+            f"routing key {routing_key!r}",
+            exchange=name,
+            routing_key=routing_key,
+            returned=False,
+        ) from exc
+    if isinstance(result, DeliveredMessage):  # returned, on_return_raises=False
+        raise _returned(name, routing_key, result.delivery)
+    if result is None:  # only without publisher confirms, which the wrappers refuse
+        raise RuntimeError("publish not confirmed: the channel needs publisher_confirms=True")
+
+
+def _require_confirms(channel: AbstractChannel, owner: str) -> None:
+    if not getattr(channel, "publisher_confirms", False):
+        raise ValueError(
+            f"{owner} needs a channel opened with publisher_confirms=True "
+            "(connection.channel(publisher_confirms=True))"
+        )
+
+
+class TrustedPublisher:
+    """Seals CloudEvents and publishes them with publisher confirms.
+
+    Args:
+        channel: an aio-pika channel opened with ``publisher_confirms=True``
+            (a robust channel from ``connect_robust`` is fine).
+        signer: the workload's :class:`~trusthop.pipeline.ChainSigner`.
+        structured: publish in structured mode
+            (``application/cloudevents+json`` body) instead of binary mode
+            (``cloudEvents_*`` headers).
+
+    Raises:
+        ValueError: the channel does not use publisher confirms.
+    """
+
+    def __init__(
+        self, channel: AbstractChannel, *, signer: ChainSigner, structured: bool = False
+    ) -> None:
+        _require_confirms(channel, "TrustedPublisher")
+        self.channel = channel
+        self.signer = signer
+        self.structured = structured
+        self._exchanges: dict[str, AbstractExchange] = {}
+
+    async def _resolve(self, exchange: str | AbstractExchange) -> AbstractExchange:
+        if not isinstance(exchange, str):
+            return exchange
+        if exchange == "":
+            return self.channel.default_exchange
+        found = self._exchanges.get(exchange)
+        if found is None:
+            # No declaration and no round trip: the exchange must already exist.
+            found = await self.channel.get_exchange(exchange, ensure=False)
+            self._exchanges[exchange] = found
+        return found
+
+    async def publish(
+        self,
+        event: CloudEvent,
+        *,
+        exchange: str | AbstractExchange = "",
+        routing_key: str,
+        origin: OriginRing | None = None,
+        parent: VerifiedContext | None = None,
+        scope: Iterable[str] | None = None,
+        mandatory: bool = True,
+        persistent: bool = True,
+    ) -> WireEvent:
+        """Seal ``event`` for ``amqp:<exchange>/<routing_key>`` and publish it.
+
+        Exactly one of ``origin`` (first event of a request, at the edge) or
+        ``parent`` (the :attr:`Delivery.context` of the event this one derives
+        from) is given; ``scope`` narrows the chain's scope.
+
+        Returns:
+            The sealed :class:`~trusthop.event.WireEvent` that was published.
+
+        Raises:
+            TrustError: the producer-side checks (``scope_escalation``,
+                ``expired``, ``unauthorized_actor``); nothing is published.
+            ValueError: neither or both of ``origin``/``parent``, or an
+                exchange name containing ``/``; nothing is published.
+            PublishRefused: the broker returned the message (``mandatory`` and
+                no binding for the routing key) or nacked it.
+            aio_pika.exceptions.ChannelClosed: e.g. the exchange does not
+                exist (RabbitMQ closes the channel with ``NOT_FOUND``).
+
+        Bound the wait for the confirm with ``asyncio.timeout()`` if needed.
+        """
+        name = exchange if isinstance(exchange, str) else exchange.name
+        wire = self.signer.seal(
+            event,
+            destination=amqp_destination(name, routing_key),
+            origin=origin,
+            parent=parent,
+            scope=scope,
+        )
+        headers, body, content_type = encode_amqp(wire, structured=self.structured)
+        amqp_headers: HeadersType = dict(headers)
+        message = aio_pika.Message(
+            body,
+            headers=amqp_headers,
+            content_type=content_type,
+            delivery_mode=DeliveryMode.PERSISTENT if persistent else DeliveryMode.NOT_PERSISTENT,
+            # Unique per publish: aiormq matches a broker return to its publish
+            # by message_id, so it must not repeat while publishes are in flight.
+            message_id=uuid.uuid4().hex,
+        )
+        target = await self._resolve(exchange)
+        await _publish_confirmed(target, message, routing_key=routing_key, mandatory=mandatory)
+        return wire
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What a handler receives: a verified event and the message it came in.
+
+    Attributes:
+        trusted: the core's :class:`~trusthop.pipeline.TrustedEvent`.
+        message: the aio-pika message. The worker acks it after the handler
+            returns; a handler must not ack, nack or reject it itself.
+        queue: the queue it was consumed from.
+        attempt: 1 for the first call, 2.. for in-process retries.
+    """
+
+    trusted: TrustedEvent
+    message: AbstractIncomingMessage
+    queue: str
+    attempt: int = 1
+
+    @property
+    def event(self) -> CloudEvent:
+        """The verified CloudEvent."""
+        return self.trusted.event
+
+    @property
+    def context(self) -> VerifiedContext:
+        """Subject, scope, path of actors...; pass as ``parent=`` to derive events."""
+        return self.trusted.context
+
+    @property
+    def wire(self) -> WireEvent:
+        """The decoded wire form the digest was computed over."""
+        return self.trusted.wire
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+@dataclass
+class WorkerStats:
+    """Counters of a :class:`TrustedWorker` (since it was created).
+
+    Attributes:
+        delivered: messages whose handler returned (then acked).
+        dead_lettered: messages dead-lettered, by reason.
+        handler_errors: handler calls that raised (each attempt counts).
+        requeued: messages handed back to the broker because the dead letter
+            was not confirmed, the ack failed, or the worker was stopping. (A
+            handler cancelled by a channel close is not counted: the broker
+            requeues its message by itself.)
+    """
+
+    delivered: int = 0
+    dead_lettered: Counter[Reason] = field(default_factory=Counter)
+    handler_errors: int = 0
+    requeued: int = 0
+
+    @property
+    def total_dead_lettered(self) -> int:
+        return sum(self.dead_lettered.values())
+
+
+def dead_letter_queue_name(queue: str) -> str:
+    """The dead-letter queue of ``queue`` (``<queue>.dlq``)."""
+    return queue + DLQ_SUFFIX
+
+
+def _source(exchange: str | None, routing_key: str | None) -> tuple[str, TrustError | None]:
+    """The delivery's destination, or a label and the rejection it implies."""
+    exchange, routing_key = exchange or "", routing_key or ""
+    try:
+        return amqp_destination(exchange, routing_key), None
+    except ValueError as exc:
+        # No trusthop publisher can have signed for this exchange name.
+        return f"amqp:{exchange}/{routing_key}", TrustError(Reason.WRONG_DESTINATION, str(exc))
+
+
+def verify_delivery(
+    verifier: ChainVerifier,
+    *,
+    headers: Mapping[str, Any] | None,
+    body: bytes,
+    content_type: str | None,
+    exchange: str | None,
+    routing_key: str | None,
+) -> TrustedEvent:
+    """Decode and verify one delivered message, as the worker does.
+
+    Pure (no I/O). ``x-*`` and other non-CloudEvents headers are ignored by
+    the decoder, so they are neither trusted nor covered by the digest.
+
+    Raises:
+        TrustError: the only exception, whatever the headers and body hold.
+    """
+    destination, refused = _source(exchange, routing_key)
+    if refused is not None:
+        raise refused
+    wire = decode_amqp(headers, body, content_type)
+    return verifier.verify(wire, destination)
+
+
+def _reencodable(value: Any) -> FieldValue:
+    # pamqp decodes a non-UTF-8 long string as ``bytes`` but refuses to encode
+    # ``bytes``; ``bytearray`` travels as a byte array.
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {str(k): _reencodable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_reencodable(v) for v in value]
+    return value  # type: ignore[no-any-return]
+
+
+def dead_letter_headers(headers: Mapping[str, Any] | None, rejection: Rejection) -> HeadersType:
+    """Headers of a dead letter: the original ones plus the rejection's.
+
+    Original ``trusthop-*`` headers are dropped (a sender cannot forge a
+    verdict), as are ``CC``/``BCC`` (RabbitMQ would route extra copies);
+    values are made encodable again (``bytes`` become ``bytearray``).
+    """
+    out: HeadersType = {}
+    for key, value in (headers or {}).items():
+        name = str(key)
+        lowered = name.lower()
+        if lowered.startswith(_OWN_PREFIX) or lowered in _ROUTING_HEADERS:
+            continue
+        out[name] = _reencodable(value)
+    out.update(rejection.headers())
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    queue: str
+    handler: Handler
+    declare: bool
+    bind: tuple[tuple[str | AbstractExchange, str], ...]
+
+
+class TrustedWorker:
+    """Consumes queues, verifies every message, then runs the queue's handler.
+
+    Args:
+        channel: an aio-pika channel opened with ``publisher_confirms=True``
+            (dead letters are published with confirms on it).
+        verifier: the :class:`~trusthop.pipeline.ChainVerifier`; replacing its
+            bundle takes effect for the next message.
+        dead_letter_exchange: durable direct exchange the worker declares;
+            each handled queue ``q`` gets a durable ``q.dlq`` bound with
+            routing key ``q``.
+        max_attempts: handler calls per message before ``handler_failed``.
+        prefetch_count: unacked messages in flight (``basic.qos``).
+        retry_backoff: seconds before the first retry, doubled per retry.
+
+    The handler contract and failure modes are in the module docstring.
+
+    Raises:
+        ValueError: the channel does not use publisher confirms, or
+            ``max_attempts``/``prefetch_count`` are below 1.
+    """
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        *,
+        verifier: ChainVerifier,
+        dead_letter_exchange: str = DEFAULT_DEAD_LETTER_EXCHANGE,
+        max_attempts: int = 3,
+        prefetch_count: int = 16,
+        retry_backoff: float = 0.05,
+    ) -> None:
+        _require_confirms(channel, "TrustedWorker")
+        if max_attempts < 1 or prefetch_count < 1:
+            raise ValueError("max_attempts and prefetch_count must be at least 1")
+        self.channel = channel
+        self.verifier = verifier
+        self.dead_letter_exchange = dead_letter_exchange
+        self.max_attempts = max_attempts
+        self.prefetch_count = prefetch_count
+        self.retry_backoff = retry_backoff
+        self.stats = WorkerStats()
+        self._routes: dict[str, _Route] = {}
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._dlx: AbstractExchange | None = None
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self._running = False
+
+    def handler(
+        self,
+        queue: str,
+        *,
+        declare: bool = True,
+        bind: Sequence[tuple[str | AbstractExchange, str]] = (),
+    ) -> Callable[[Handler], Handler]:
+        """Register ``async def handler(delivery)`` for ``queue``.
+
+        ``declare`` declares the queue durable at :meth:`start`; ``bind``
+        binds it to each ``(exchange, routing_key)`` (the exchanges must
+        exist). Returns the handler unchanged.
+
+        Raises:
+            ValueError: the queue already has a handler, or its name is empty.
+            RuntimeError: the worker is already running.
+        """
+        if self._running:
+            raise RuntimeError("register handlers before start()")
+        if not queue:
+            raise ValueError("a handled queue needs a name")
+        if queue in self._routes:
+            raise ValueError(f"queue {queue!r} already has a handler")
+
+        def register(func: Handler) -> Handler:
+            self._routes[queue] = _Route(queue, func, declare, tuple(bind))
+            return func
+
+        return register
+
+    async def start(self) -> None:
+        """Declare the topology and start consuming every registered queue.
+
+        Raises:
+            RuntimeError: already running, or no handler registered.
+            aio_pika.exceptions.AMQPError: declaring or binding failed (for
+                example a bound exchange does not exist).
+        """
+        if self._running:
+            raise RuntimeError("worker already started")
+        if not self._routes:
+            raise RuntimeError("no handler registered")
+        self._running = True
+        try:
+            await self.channel.set_qos(prefetch_count=self.prefetch_count)
+            self._dlx = await self.channel.declare_exchange(
+                self.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            for route in self._routes.values():
+                dlq = await self.channel.declare_queue(
+                    dead_letter_queue_name(route.queue), durable=True
+                )
+                await dlq.bind(self._dlx, routing_key=route.queue)
+                if route.declare:
+                    queue = await self.channel.declare_queue(route.queue, durable=True)
+                else:
+                    queue = await self.channel.get_queue(route.queue, ensure=True)
+                for exchange, routing_key in route.bind:
+                    await queue.bind(exchange, routing_key=routing_key)
+                tag = await queue.consume(self._consumer(route), no_ack=False)
+                self._consumers.append((queue, tag))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Cancel the consumers and wait for messages being processed.
+
+        Messages delivered after this point are requeued. Idempotent.
+        """
+        self._running = False
+        consumers, self._consumers = self._consumers, []
+        for queue, tag in consumers:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        await asyncio.sleep(0)  # let callbacks scheduled before cancel-ok register
+        current = asyncio.current_task()
+        while pending := [t for t in self._inflight if t is not current]:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def __aenter__(self) -> TrustedWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _consumer(self, route: _Route) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._inflight.add(task)
+            try:
+                await self._process(route, message)
+            except Exception:
+                self.stats.requeued += 1
+                log.exception("trusthop: message on %r requeued", route.queue)
+            finally:
+                if task is not None:
+                    self._inflight.discard(task)
+
+        return on_message
+
+    async def _process(self, route: _Route, message: AbstractIncomingMessage) -> None:
+        # Everything below acks explicitly once the message is settled (handled,
+        # or its dead letter confirmed). If anything escapes (dead letter not
+        # confirmed, channel lost) ``process()`` requeues it: never lost, never
+        # acked early.
+        async with message.process(requeue=True, ignore_processed=True):
+            if not self._running:
+                self.stats.requeued += 1
+                await message.nack(requeue=True)
+                return
+            try:
+                trusted = verify_delivery(
+                    self.verifier,
+                    headers=message.headers,
+                    body=message.body,
+                    content_type=message.content_type,
+                    exchange=message.exchange,
+                    routing_key=message.routing_key,
+                )
+            except TrustError as error:
+                source, _ = _source(message.exchange, message.routing_key)
+                await self._dead_letter(
+                    message, Rejection.of(error, source=source, consumer=route.queue)
+                )
+                return
+            except Exception as exc:  # a decoder bug must not kill the consumer
+                log.exception("trusthop: unexpected error decoding a message on %r", route.queue)
+                source, _ = _source(message.exchange, message.routing_key)
+                detail = f"undecodable message ({type(exc).__name__})"
+                await self._dead_letter(
+                    message, Rejection(Reason.MALFORMED, detail, source, route.queue)
+                )
+                return
+            await self._handle(route, message, trusted)
+
+    async def _handle(
+        self, route: _Route, message: AbstractIncomingMessage, trusted: TrustedEvent
+    ) -> None:
+        last: Exception | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            if attempt > 1:
+                await asyncio.sleep(self.retry_backoff * 2 ** (attempt - 2))
+            try:
+                await route.handler(Delivery(trusted, message, route.queue, attempt))
+            except Exception as exc:
+                last = exc
+                self.stats.handler_errors += 1
+                log.warning(
+                    "trusthop: handler for %r failed (attempt %d/%d): %r",
+                    route.queue,
+                    attempt,
+                    self.max_attempts,
+                    exc,
+                )
+                if message.processed:  # the handler settled the message itself
+                    return
+                continue
+            if not message.processed:
+                await message.ack()
+            self.stats.delivered += 1
+            return
+        rejection = Rejection(
+            Reason.HANDLER_FAILED,
+            f"handler raised {type(last).__name__}: {last}",
+            trusted.context.destination,
+            route.queue,
+            attempts=self.max_attempts,
+        )
+        await self._dead_letter(message, rejection)
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, rejection: Rejection) -> None:
+        """Publish the dead letter with confirm, then ack the original.
+
+        The dead letter keeps body and properties except ``expiration`` (a
+        dead letter must not vanish) and ``user_id`` (RabbitMQ refuses a
+        user_id other than the publishing connection's).
+
+        Raises:
+            PublishRefused, aio_pika.exceptions.AMQPError: not confirmed; the
+                original is then requeued by the caller's ``process()``.
+        """
+        if self._dlx is None:
+            raise RuntimeError("worker not started")
+        log.warning(
+            "trusthop: dead-lettering message from %s on %r: %s (%s)",
+            rejection.source,
+            rejection.consumer,
+            rejection.reason.value,
+            rejection.detail,
+        )
+        letter = aio_pika.Message(
+            message.body,
+            headers=dead_letter_headers(message.headers, rejection),
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=message.delivery_mode,
+            priority=message.priority,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+        )
+        await _publish_confirmed(self._dlx, letter, routing_key=rejection.consumer, mandatory=True)
+        await message.ack()
+        self.stats.dead_lettered[rejection.reason] += 1
