@@ -1,0 +1,582 @@
+"""The pure parts of the Kafka shell (no broker), plus its offset bookkeeping
+against an in-memory stand-in for ``AIOKafkaConsumer``.
+
+* :func:`trusthop.kafka.verify_record` raises nothing but ``TrustError``,
+  whatever the headers and value (hypothesis);
+* :meth:`TrustedKafkaProducer.seal`: key choice, size budget, chain bounds;
+* dead-letter headers and topic names, constructor refusals;
+* the consumer's commit / rewind logic in paths a real broker cannot be made
+  to take on demand (a dead-letter write that fails, a cancelled handler,
+  a revoked partition, a refused commit).
+
+The broker-facing behaviour is in ``integration/test_kafka.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaTimeoutError
+from aiokafka.structs import ConsumerRecord
+from chainkit import BUNDLE, EDGE, MALLORY_KEY, NOW, ORDERS, S0, S2, T0
+from cloudevents.core.v1.event import CloudEvent
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trusthop.destination import kafka_destination
+from trusthop.errors import Reason, TrustError
+from trusthop.kafka import (
+    KafkaDelivery,
+    TrustedKafkaConsumer,
+    TrustedKafkaProducer,
+    dead_letter_headers,
+    default_dead_letter_topic,
+    record_size,
+    verify_record,
+)
+from trusthop.pipeline import (
+    H_ATTEMPTS,
+    H_CONSUMER,
+    H_DETAIL,
+    H_REASON,
+    H_SOURCE,
+    ChainSigner,
+    ChainVerifier,
+    Rejection,
+)
+from trusthop.sign import Identity, mint_origin
+from trusthop.verify import Limits
+
+TOPIC = "orders"
+GROUP = "orders-svc"
+
+
+def clock() -> float:
+    return NOW
+
+
+VERIFIER = ChainVerifier(BUNDLE, clock=clock)
+ORIGIN = mint_origin(
+    EDGE,
+    subject="user:alice",
+    issuer="https://idp.example.com",
+    credential="token",
+    scope=S0,
+    now=T0,
+    ttl=3600,
+)
+
+
+def event(event_id: str = "evt-1", data: Any = None, **extra: Any) -> CloudEvent:
+    attributes: dict[str, Any] = {
+        "id": event_id,
+        "source": "/shop/orders",
+        "type": "order.placed",
+        "specversion": "1.0",
+        "time": datetime.datetime(2026, 1, 1, 0, 0, 10, tzinfo=datetime.UTC),
+        "datacontenttype": "application/json",
+    }
+    attributes.update(extra)
+    return CloudEvent(attributes, {"order": 42} if data is None else data)
+
+
+def sealer(identity: Identity = EDGE, **kwargs: Any) -> TrustedKafkaProducer:
+    """A producer used only for seal(): the aiokafka client is never touched."""
+    return TrustedKafkaProducer(
+        signer=ChainSigner(identity, clock=clock), producer=object(), **kwargs
+    )
+
+
+BINARY = sealer().seal(TOPIC, event(), origin=ORIGIN)
+STRUCTURED = sealer(structured=True).seal(TOPIC, event(), origin=ORIGIN)
+
+
+# --------------------------------------------------------------------------- #
+# verify_record: only TrustError, whatever arrives
+# --------------------------------------------------------------------------- #
+
+
+def only_trust_errors(headers: Sequence[tuple[str, bytes | None]] | None,
+                      value: bytes | None) -> Reason | None:
+    try:
+        verify_record(VERIFIER, topic=TOPIC, headers=headers, value=value)
+    except TrustError as error:
+        assert error.message
+        return error.reason
+    return None
+
+
+def test_sealed_records_verify_in_both_modes() -> None:
+    for record in (BINARY, STRUCTURED):
+        trusted = verify_record(VERIFIER, topic=TOPIC, headers=record.headers,
+                                value=record.value)
+        assert trusted.context.destination == kafka_destination(TOPIC)
+        assert trusted.event.get_data() == {"order": 42}
+    assert [k for k, _ in STRUCTURED.headers] == ["content-type"]
+    assert ("ce_id", b"evt-1") in BINARY.headers
+
+
+HEADER_NAMES = st.sampled_from([
+    "ce_id", "ce_source", "ce_type", "ce_specversion", "ce_trustchain", "ce_time",
+    "ce_traceparent", "ce_partitionkey", "ce_", "ce_UPPER", "ce_na\u00efve", "Ce_id", "CE_ID",
+    "content-type", "Content-Type", "x-foo", "trusthop-reason", "",
+]) | st.text(max_size=12)
+HEADER_VALUES = st.none() | st.binary(max_size=40) | st.sampled_from([
+    b"1.0", b"evt-1", b"/shop", b"order.placed", b"application/json",
+    b"application/cloudevents+json", b"application/cloudevents+json; charset=utf-8",
+    b"2026-01-01T00:00:10Z", b"2026-13-45T99:00:00Z", b"0000-01-01T00:00:00+23:59",
+    b"\xff\xfe", b"\xc3\x28", b"\x00", b"AA", b"!!", b"kQE",
+    dict(BINARY.headers)["ce_trustchain"],
+])
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4),
+    max_leaves=12,
+)
+STRUCTURED_DOCS = st.dictionaries(
+    st.sampled_from(["id", "source", "type", "specversion", "trustchain", "data",
+                     "data_base64", "datacontenttype", "time", "Bad", "x"]),
+    JSON,
+    max_size=8,
+).map(lambda d: json.dumps(d).encode())
+VALUES = st.none() | st.binary(max_size=64) | STRUCTURED_DOCS | st.just(STRUCTURED.value)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(headers=st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=8), value=VALUES)
+def test_arbitrary_headers_and_values_only_raise_trust_errors(
+    headers: list[tuple[str, bytes | None]], value: bytes | None
+) -> None:
+    reason = only_trust_errors(headers, value)
+    assert reason is None or isinstance(reason, Reason)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_valid_records_only_raise_trust_errors(data: st.DataObject) -> None:
+    base = data.draw(st.sampled_from([BINARY, STRUCTURED]))
+    headers: list[tuple[str, bytes | None]] = list(base.headers)
+    value: bytes | None = base.value
+    for _ in range(data.draw(st.integers(1, 4))):
+        action = data.draw(st.sampled_from(
+            ["drop", "duplicate", "replace", "insert", "value", "flip", "truncate"]))
+        if action == "drop" and headers:
+            headers.pop(data.draw(st.integers(0, len(headers) - 1)))
+        elif action == "duplicate" and headers:
+            headers.append(headers[data.draw(st.integers(0, len(headers) - 1))])
+        elif action == "replace" and headers:
+            i = data.draw(st.integers(0, len(headers) - 1))
+            headers[i] = (headers[i][0], data.draw(HEADER_VALUES))
+        elif action == "insert":
+            headers.insert(0, (data.draw(HEADER_NAMES), data.draw(HEADER_VALUES)))
+        elif action == "value":
+            value = data.draw(VALUES)
+        elif action == "flip" and value:
+            i = data.draw(st.integers(0, len(value) - 1))
+            value = value[:i] + bytes([value[i] ^ data.draw(st.integers(1, 255))]) + value[i + 1:]
+        elif action == "truncate" and value:
+            value = value[: data.draw(st.integers(0, len(value) - 1))]
+    only_trust_errors(headers, value)
+
+
+@pytest.mark.parametrize(
+    ("headers", "value", "reason"),
+    [
+        ([("ce_id", None)], b"{}", Reason.MALFORMED),
+        ([*BINARY.headers, ("ce_id", b"again")], BINARY.value, Reason.MALFORMED),
+        ([("CE_ID", b"x"), *BINARY.headers], BINARY.value, Reason.MALFORMED),
+        ([(k, b"\xff" if k == "ce_source" else v) for k, v in BINARY.headers], BINARY.value,
+         Reason.MALFORMED),
+        ([(k, v) for k, v in BINARY.headers if k != "ce_trustchain"], BINARY.value,
+         Reason.MISSING_CHAIN),
+        (None, None, Reason.MALFORMED),
+        ([], b"hello", Reason.MALFORMED),
+        (STRUCTURED.headers, None, Reason.MALFORMED),
+        ([*STRUCTURED.headers, ("ce_id", b"x")], STRUCTURED.value, Reason.MALFORMED),
+        (STRUCTURED.headers, b"\xff" + STRUCTURED.value, Reason.MALFORMED),
+        (STRUCTURED.headers, STRUCTURED.value.replace(b"42", b"43"), Reason.EVENT_MISMATCH),
+        (BINARY.headers, BINARY.value.replace(b"42", b"43"), Reason.EVENT_MISMATCH),
+        # Foreign headers of any shape are ignored.
+        ([("x", None), *BINARY.headers, ("x", b"\xff"), ("x", b"")], BINARY.value, None),
+    ],
+)
+def test_hostile_records_have_their_reason(
+    headers: list[tuple[str, bytes | None]] | None, value: bytes | None, reason: Reason | None
+) -> None:
+    assert only_trust_errors(headers, value) is reason
+
+
+def test_verification_names_the_topic_it_was_read_from() -> None:
+    with pytest.raises(TrustError) as info:
+        verify_record(VERIFIER, topic="elsewhere", headers=BINARY.headers, value=BINARY.value)
+    assert info.value.reason is Reason.WRONG_DESTINATION
+
+
+# --------------------------------------------------------------------------- #
+# producer: seal()
+# --------------------------------------------------------------------------- #
+
+
+def test_partitionkey_is_the_default_key_and_an_explicit_key_wins() -> None:
+    keyed = event(partitionkey="customer-7")
+    assert sealer().seal(TOPIC, keyed, origin=ORIGIN).key == b"customer-7"
+    assert sealer().seal(TOPIC, keyed, origin=ORIGIN, key="other").key == b"other"
+    assert sealer().seal(TOPIC, keyed, origin=ORIGIN, key=b"\xff").key == b"\xff"
+    assert sealer().seal(TOPIC, event(), origin=ORIGIN).key is None
+    structured = sealer(structured=True).seal(TOPIC, keyed, origin=ORIGIN)
+    assert structured.key == b"customer-7"
+
+
+def test_event_without_data_travels_as_an_empty_value_and_verifies() -> None:
+    empty = CloudEvent({"id": "e", "source": "/s", "type": "t", "specversion": "1.0"}, None)
+    record = sealer().seal(TOPIC, empty, origin=ORIGIN)
+    assert record.value == b""
+    trusted = verify_record(VERIFIER, topic=TOPIC, headers=record.headers, value=record.value)
+    assert trusted.event.get_data() is None
+
+
+def test_record_size_counts_headers_key_and_value() -> None:
+    assert record_size(None, None, []) == 0
+    assert record_size(b"kk", b"vvv", [("h\u00e9", b"12"), ("x", None)]) == 2 + 3 + 3 + 2 + 1
+
+
+def test_budget_is_exact_and_counts_headers() -> None:
+    size = record_size(BINARY.key, BINARY.value, BINARY.headers)
+    assert size > len(BINARY.value) + 200  # the chain header is most of it
+    at_limit = sealer(max_message_bytes=size).seal(TOPIC, event(), origin=ORIGIN)
+    assert record_size(at_limit.key, at_limit.value, at_limit.headers) == size
+    with pytest.raises(TrustError) as info:
+        sealer(max_message_bytes=size - 1).seal(TOPIC, event(), origin=ORIGIN)
+    assert info.value.reason is Reason.TOO_LARGE
+    assert str(size) in info.value.message
+
+
+def test_producer_refuses_what_every_consumer_would_reject() -> None:
+    parent = verify_record(VERIFIER, topic=TOPIC, headers=BINARY.headers,
+                           value=BINARY.value).context
+    orders = sealer(ORDERS)
+    with pytest.raises(TrustError) as info:
+        orders.seal("payments", event("e2"), parent=parent, scope={*S0, "admin"})
+    assert info.value.reason is Reason.SCOPE_ESCALATION
+    with pytest.raises(TrustError) as info:
+        sealer(ORDERS, limits=Limits(max_rings=1)).seal("payments", event("e2"), parent=parent)
+    assert info.value.reason is Reason.DEPTH_EXCEEDED
+    with pytest.raises(TrustError) as info:
+        sealer(ORDERS, limits=Limits(max_bytes=64)).seal("payments", event("e2"), parent=parent)
+    assert info.value.reason is Reason.TOO_LARGE
+    derived = orders.seal("payments", event("e2"), parent=parent, scope=S2)
+    context = verify_record(VERIFIER, topic="payments", headers=derived.headers,
+                            value=derived.value).context
+    assert context.scope == S2
+    assert context.chain.hops[-1].consumed_event_id == "evt-1"
+
+
+def test_a_key_outside_the_bundle_is_not_refused_by_the_producer_but_by_consumers() -> None:
+    rogue = Identity.create(EDGE.actor, MALLORY_KEY)
+    record = sealer(rogue).seal(TOPIC, event(), origin=ORIGIN)
+    assert only_trust_errors(record.headers, record.value) is Reason.UNKNOWN_KEY
+
+
+async def test_producer_constructor_refusals() -> None:
+    signer = ChainSigner(EDGE)
+    with pytest.raises(TypeError, match="value_serializer"):
+        TrustedKafkaProducer(signer=signer, value_serializer=bytes)
+    with pytest.raises(TypeError, match="either producer"):
+        TrustedKafkaProducer(signer=signer, producer=object(), bootstrap_servers="x:1")
+    with pytest.raises(ValueError, match="positive"):
+        TrustedKafkaProducer(signer=signer, max_message_bytes=0)
+    owned = TrustedKafkaProducer(signer=signer, bootstrap_servers="broker:9092", acks="all")
+    assert type(owned.client).__name__ == "AIOKafkaProducer"
+
+
+# --------------------------------------------------------------------------- #
+# dead letters
+# --------------------------------------------------------------------------- #
+
+
+def test_dead_letter_headers_keep_originals_and_end_with_the_verdict() -> None:
+    rejection = Rejection(Reason.BROKEN_LINK, "ring 2 \u2192 ring 1" + "x" * 600,
+                          "kafka:orders", GROUP, 1)
+    original: list[tuple[str, bytes | None]] = [
+        ("x", None), ("x", b"\xff"), ("trusthop-reason", b"spoofed")]
+    headers = dead_letter_headers(original, rejection)
+    assert headers[:3] == original
+    verdict = dict(headers)
+    assert verdict[H_REASON] == b"broken_link"
+    assert verdict[H_SOURCE] == b"kafka:orders"
+    assert verdict[H_CONSUMER] == GROUP.encode()
+    assert verdict[H_ATTEMPTS] == b"1"
+    detail = verdict[H_DETAIL]
+    assert detail is not None and len(detail.decode()) == 512
+    assert dead_letter_headers(None, rejection)[0][0] == H_REASON
+
+
+async def test_consumer_constructor_contract() -> None:
+    with pytest.raises(ValueError, match="enable_auto_commit"):
+        TrustedKafkaConsumer(TOPIC, verifier=VERIFIER, group_id=GROUP, enable_auto_commit=True)
+    with pytest.raises(TypeError, match="value_deserializer"):
+        TrustedKafkaConsumer(TOPIC, verifier=VERIFIER, group_id=GROUP, value_deserializer=bytes)
+    with pytest.raises(ValueError, match="max_attempts"):
+        TrustedKafkaConsumer(TOPIC, verifier=VERIFIER, group_id=GROUP, max_attempts=0)
+    with pytest.raises(ValueError, match="topic"):
+        TrustedKafkaConsumer(verifier=VERIFIER, group_id=GROUP)
+    with pytest.raises(ValueError, match="group_id"):
+        TrustedKafkaConsumer(TOPIC, verifier=VERIFIER, group_id="")
+    consumer = TrustedKafkaConsumer(
+        TOPIC, "payments", verifier=VERIFIER, group_id=GROUP, enable_auto_commit=False,
+        bootstrap_servers="broker:9092",
+    )
+    assert consumer.client._enable_auto_commit is False
+    assert consumer.dead_letter_producer.client._bootstrap_servers == "broker:9092"
+    assert consumer.dead_letter_topic_for(TOPIC) == "orders.dlq" == default_dead_letter_topic(TOPIC)
+    fixed = TrustedKafkaConsumer(TOPIC, verifier=VERIFIER, group_id=GROUP,
+                                 dead_letter_topic="all-rejects")
+    assert fixed.dead_letter_topic_for("payments") == "all-rejects"
+    derived = TrustedKafkaConsumer(TOPIC, verifier=VERIFIER, group_id=GROUP,
+                                   dead_letter_topic=lambda t: f"dlq.{t}")
+    assert derived.dead_letter_topic_for("payments") == "dlq.payments"
+    with pytest.raises(RuntimeError, match="start"):
+        await consumer.__anext__()
+
+
+# --------------------------------------------------------------------------- #
+# offset bookkeeping against an in-memory AIOKafkaConsumer stand-in
+# --------------------------------------------------------------------------- #
+
+
+def record(offset: int, headers: Sequence[tuple[str, bytes | None]], value: bytes | None,
+           *, key: bytes | None = None, partition: int = 0) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(
+        topic=TOPIC, partition=partition, offset=offset, timestamp=0, timestamp_type=0,
+        key=key, value=value, checksum=None, serialized_key_size=-1,
+        serialized_value_size=-1, headers=tuple(headers),
+    )
+
+
+GOOD = [record(i, BINARY.headers, BINARY.value, key=b"good") for i in range(4)]
+BAD = record(0, [("x", b"y")], b"not an event", key=b"bad")
+
+
+class FakeConsumer:
+    """One topic, partitions of fixed records; fetch positions, seek, commits."""
+
+    def __init__(self, records: Iterable[ConsumerRecord[bytes, bytes]]) -> None:
+        self.log: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
+        for r in records:
+            self.log.setdefault(TopicPartition(r.topic, r.partition), []).append(r)
+        self.position = dict.fromkeys(self.log, 0)
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.refuse_commits = 0
+        self.listener: Any = None
+        self.started = self.stopped = False
+        self.seeks: list[tuple[TopicPartition, int]] = []
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.listener = listener
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    async def getmany(self, timeout_ms: int = 0) -> dict[TopicPartition, list[Any]]:
+        out = {}
+        for tp, records in self.log.items():
+            pending = records[self.position[tp]:]
+            if pending:
+                out[tp] = pending
+                self.position[tp] = len(records)
+        if not out:
+            await asyncio.sleep(timeout_ms / 1000)
+        return out
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp, offset))
+        self.position[tp] = offset
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.refuse_commits:
+            self.refuse_commits -= 1
+            raise CommitFailedError("rebalanced")
+        self.commits.append(dict(offsets))
+
+    def committed_offset(self, partition: int = 0) -> int | None:
+        done = [c[tp] for c in self.commits for tp in c if tp.partition == partition]
+        return max(done) if done else None
+
+
+class FakeProducer:
+    """Dead-letter producer that can be told to fail the next N sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes | None, list[Any]]] = []
+        self.fail = 0
+
+    async def send_and_wait(self, topic: str, *, value: bytes | None, key: bytes | None,
+                            headers: list[Any]) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise KafkaTimeoutError("dead-letter topic unavailable")
+        self.sent.append((topic, key, value, headers))
+
+
+async def fake_consumer(records: Iterable[ConsumerRecord[bytes, bytes]],
+                        **kwargs: Any) -> tuple[TrustedKafkaConsumer, FakeConsumer, FakeProducer]:
+    dlq = FakeProducer()
+    consumer = TrustedKafkaConsumer(
+        TOPIC, verifier=VERIFIER, group_id=GROUP, dead_letter_producer=dlq,
+        poll_timeout_ms=10, retry_delay=0, **kwargs,
+    )
+    fake = FakeConsumer(records)
+    consumer._consumer = fake  # the stand-in replaces the aiokafka client
+    await consumer.start()
+    return consumer, fake, dlq
+
+
+async def test_a_failed_dead_letter_write_commits_nothing_and_retries_the_record() -> None:
+    consumer, fake, dlq = await fake_consumer([BAD, GOOD[1]])
+    dlq.fail = 1
+    with pytest.raises(KafkaTimeoutError):
+        await consumer.__anext__()
+    assert fake.commits == []
+    assert consumer.stats.dead_lettered_total == 0
+    assert fake.seeks == [(TopicPartition(TOPIC, 0), 0)]
+    delivery = await consumer.__anext__()  # the bad record again, dead-lettered this time
+    assert delivery.offset == 1
+    assert [(t, k) for t, k, _, _ in dlq.sent] == [("orders.dlq", b"bad")]
+    assert fake.committed_offset() == 1
+    assert consumer.stats.dead_lettered == {Reason.MALFORMED: 1}
+    await consumer.stop()
+    assert fake.stopped
+    assert fake.committed_offset() == 1  # stop() never commits the open delivery
+
+
+async def test_cancelling_run_mid_handler_leaves_the_record_uncommitted() -> None:
+    consumer, fake, _ = await fake_consumer(GOOD[:2])
+    started = asyncio.Event()
+
+    async def slow(delivery: KafkaDelivery) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(consumer.run(slow))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert fake.commits == []
+    assert fake.seeks == [(TopicPartition(TOPIC, 0), 0)]
+    seen: list[int] = []
+
+    async def quick(delivery: KafkaDelivery) -> None:
+        seen.append(delivery.offset)
+
+    assert await consumer.run(quick, limit=2) == 2
+    assert seen == [0, 1]
+    assert fake.committed_offset() == 2
+
+
+async def test_stop_inside_a_handler_finishes_the_record_then_shuts_down() -> None:
+    consumer, fake, _ = await fake_consumer(GOOD[:3])
+
+    async def stop_after_first(delivery: KafkaDelivery) -> None:
+        await consumer.stop()
+
+    assert await asyncio.wait_for(consumer.run(stop_after_first), 5) == 1
+    assert fake.stopped
+    assert fake.committed_offset() == 1
+    assert consumer.stats.handled == 1
+
+
+async def test_handler_failure_dead_letters_after_max_attempts() -> None:
+    consumer, fake, dlq = await fake_consumer(GOOD[:1], max_attempts=2)
+    attempts: list[int] = []
+
+    @consumer.handler
+    async def failing(delivery: KafkaDelivery) -> None:
+        attempts.append(delivery.attempt)
+        raise ValueError("no stock")
+
+    assert await consumer.run(limit=1) == 1
+    assert attempts == [1, 2]
+    [(topic, key, value, headers)] = dlq.sent
+    assert (topic, key, value) == ("orders.dlq", b"good", BINARY.value)
+    verdict = dict(headers)
+    assert verdict[H_REASON] == b"handler_failed"
+    assert verdict[H_ATTEMPTS] == b"2"
+    assert verdict[H_DETAIL] == b"ValueError: no stock"
+    assert fake.committed_offset() == 1
+    assert consumer.stats.as_dict() == {
+        "delivered": 1, "handled": 0, "retried": 1, "commit_failures": 0,
+        "dead_lettered": {"handler_failed": 1},
+    }
+
+
+async def test_revoked_partitions_are_dropped_from_the_buffer() -> None:
+    other = [record(i, BINARY.headers, BINARY.value, partition=1) for i in range(2)]
+    consumer, fake, _ = await fake_consumer([*GOOD[:2], *other])
+    first = await consumer.__anext__()
+    assert (first.partition, first.offset) == (0, 0)
+    await fake.listener.on_partitions_revoked({TopicPartition(TOPIC, 0)})
+    fake.log.pop(TopicPartition(TOPIC, 0))
+    rest = [(d.partition, d.offset) for d in [await consumer.__anext__() for _ in range(2)]]
+    assert rest == [(1, 0), (1, 1)]
+
+
+async def test_a_refused_commit_is_counted_not_raised() -> None:
+    consumer, fake, _ = await fake_consumer(GOOD[:2])
+    fake.refuse_commits = 1
+    seen = []
+
+    async def handle(delivery: KafkaDelivery) -> None:
+        seen.append(delivery.offset)
+
+    assert await consumer.run(handle, limit=2) == 2
+    assert seen == [0, 1]
+    assert consumer.stats.commit_failures == 1
+    assert fake.commits == [{TopicPartition(TOPIC, 0): 2}]
+
+
+async def test_run_and_iteration_exclude_each_other() -> None:
+    consumer, _, _ = await fake_consumer(GOOD[:2])
+    gate = asyncio.Event()
+
+    async def wait(delivery: KafkaDelivery) -> None:
+        await gate.wait()
+
+    task = asyncio.create_task(consumer.run(wait, limit=1))
+    await asyncio.sleep(0.05)
+    with pytest.raises(RuntimeError, match="run"):
+        await consumer.__anext__()
+    with pytest.raises(RuntimeError, match="already"):
+        await consumer.run(wait)
+    gate.set()
+    assert await task == 1
+    with pytest.raises(TypeError, match="handler"):
+        await consumer.run()
+
+
+async def test_an_open_delivery_belongs_to_the_task_that_got_it() -> None:
+    consumer, fake, _ = await fake_consumer(GOOD[:3])
+    first = await consumer.__anext__()
+    assert first.offset == 0
+
+    async def other_loop() -> None:
+        async for _ in consumer:
+            pass
+
+    with pytest.raises(RuntimeError, match="one task at a time"):
+        await asyncio.create_task(other_loop())
+    with pytest.raises(RuntimeError, match="one task at a time"):
+        await asyncio.create_task(consumer.commit())
+    assert fake.commits == []  # the other task could neither commit nor rewind it
+    await consumer.commit()
+    assert fake.committed_offset() == 1
