@@ -32,9 +32,21 @@ async def test_demo_flow_across_kafka_and_rabbitmq(
 
 def test_demo_command_on_real_brokers(kafka_bootstrap: str, amqp_url: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "trusthop.cli", "demo", "--json", "--kafka", kafka_bootstrap,
-         "--amqp", amqp_url],
-        capture_output=True, text=True, timeout=240, env=os.environ | {"PYTHONWARNINGS": ""},
+        [
+            sys.executable,
+            "-m",
+            "trusthop.cli",
+            "demo",
+            "--json",
+            "--kafka",
+            kafka_bootstrap,
+            "--amqp",
+            amqp_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=os.environ | {"PYTHONWARNINGS": ""},
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]

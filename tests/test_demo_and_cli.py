@@ -65,9 +65,7 @@ def _keys(tmp_path: Path) -> Path:
     return out
 
 
-def test_cli_keygen_emit_inspect_verify(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_keygen_emit_inspect_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     keys = _keys(tmp_path)
     bundle = json.loads((keys / "bundle.jwks.json").read_text())
     assert {k["spiffe_id"] for k in bundle["keys"]} == {GW, INV}
@@ -76,21 +74,49 @@ def test_cli_keygen_emit_inspect_verify(
     (tmp_path / "ev.json").write_text(EVENT)
     token = "eyJhbGciOiJFUzI1NiJ9.secret-user-token.c2ln"
     (tmp_path / "token").write_text(token + "\n")
-    code = main([
-        "emit", "--key", str(keys / "gateway.key.pem"), "--actor", GW, "--dest", "kafka:orders",
-        "--scope", "orders:write", "--scope", "ship", "--subject", "user:alice",
-        "--credential-file", str(tmp_path / "token"), str(tmp_path / "ev.json"),
-    ])
+    code = main(
+        [
+            "emit",
+            "--key",
+            str(keys / "gateway.key.pem"),
+            "--actor",
+            GW,
+            "--dest",
+            "kafka:orders",
+            "--scope",
+            "orders:write",
+            "--scope",
+            "ship",
+            "--subject",
+            "user:alice",
+            "--credential-file",
+            str(tmp_path / "token"),
+            str(tmp_path / "ev.json"),
+        ]
+    )
     assert code == EXIT_OK
     origin_event = capsys.readouterr().out
     assert token not in origin_event and "secret-user-token" not in origin_event
     (tmp_path / "o.json").write_text(origin_event)
     (tmp_path / "ev2.json").write_text(EVENT.replace('"o-1"', '"r-1"'))
-    code = main([
-        "emit", "--key", str(keys / "inventory.key.pem"), "--actor", INV,
-        "--dest", "amqp:shipping/x", "--scope", "ship", "--parent", str(tmp_path / "o.json"),
-        "--bundle", str(keys / "bundle.jwks.json"), str(tmp_path / "ev2.json"),
-    ])
+    code = main(
+        [
+            "emit",
+            "--key",
+            str(keys / "inventory.key.pem"),
+            "--actor",
+            INV,
+            "--dest",
+            "amqp:shipping/x",
+            "--scope",
+            "ship",
+            "--parent",
+            str(tmp_path / "o.json"),
+            "--bundle",
+            str(keys / "bundle.jwks.json"),
+            str(tmp_path / "ev2.json"),
+        ]
+    )
     assert code == EXIT_OK
     derived = capsys.readouterr().out
     (tmp_path / "d.json").write_text(derived)
@@ -101,24 +127,53 @@ def test_cli_keygen_emit_inspect_verify(
     assert inspected["rings"][2]["consumed_event_id"] == "o-1"
 
     bundle_arg = ["--bundle", str(keys / "bundle.jwks.json")]
-    assert main(["verify", *bundle_arg, "--dest", "amqp:shipping/x", str(tmp_path / "d.json")]) == EXIT_OK
+    assert (
+        main(["verify", *bundle_arg, "--dest", "amqp:shipping/x", str(tmp_path / "d.json")])
+        == EXIT_OK
+    )
     verdict = json.loads(capsys.readouterr().out)
     assert verdict["valid"] and verdict["scope"] == ["ship"] and verdict["subject"] == "user:alice"
 
-    assert main(["verify", *bundle_arg, "--dest", "kafka:orders", str(tmp_path / "d.json")]) == EXIT_REJECTED
+    assert (
+        main(["verify", *bundle_arg, "--dest", "kafka:orders", str(tmp_path / "d.json")])
+        == EXIT_REJECTED
+    )
     assert json.loads(capsys.readouterr().out)["reason"] == "wrong_destination"
 
     (tmp_path / "all.jsonl").write_text(origin_event + derived + "not json\n")
-    assert main(["verify", "--jsonl", *bundle_arg, "--dest", "kafka:orders", str(tmp_path / "all.jsonl")]) == EXIT_REJECTED
+    assert (
+        main(
+            [
+                "verify",
+                "--jsonl",
+                *bundle_arg,
+                "--dest",
+                "kafka:orders",
+                str(tmp_path / "all.jsonl"),
+            ]
+        )
+        == EXIT_REJECTED
+    )
     verdicts = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [v.get("reason") for v in verdicts] == [None, "wrong_destination", "malformed"]
 
     # Producer-side check: a wider scope than the parent's is refused at emit time.
-    code = main([
-        "emit", "--key", str(keys / "inventory.key.pem"), "--actor", INV,
-        "--dest", "amqp:shipping/x", "--scope", "payments:refund",
-        "--parent", str(tmp_path / "o.json"), str(tmp_path / "ev2.json"),
-    ])
+    code = main(
+        [
+            "emit",
+            "--key",
+            str(keys / "inventory.key.pem"),
+            "--actor",
+            INV,
+            "--dest",
+            "amqp:shipping/x",
+            "--scope",
+            "payments:refund",
+            "--parent",
+            str(tmp_path / "o.json"),
+            str(tmp_path / "ev2.json"),
+        ]
+    )
     assert code == EXIT_REJECTED
     assert "scope_escalation" in capsys.readouterr().err
 
@@ -128,8 +183,16 @@ def test_cli_verify_with_a_broken_bundle_is_a_usage_error(
 ) -> None:
     (tmp_path / "b.json").write_text('{"keys": [{"kid": "x"}]}')
     (tmp_path / "e.json").write_text(EVENT)
-    code = main(["verify", "--bundle", str(tmp_path / "b.json"), "--dest", "kafka:o",
-                 str(tmp_path / "e.json")])
+    code = main(
+        [
+            "verify",
+            "--bundle",
+            str(tmp_path / "b.json"),
+            "--dest",
+            "kafka:o",
+            str(tmp_path / "e.json"),
+        ]
+    )
     assert code == EXIT_USAGE
     assert "spiffe_id" in capsys.readouterr().err
 

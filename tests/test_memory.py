@@ -22,22 +22,30 @@ from trusthop import (
 )
 from trusthop.pipeline import H_ATTEMPTS, H_CONSUMER, H_REASON, H_SOURCE
 
-GW = Identity.create("spiffe://prod.example.com/ns/edge/sa/gateway", SigningKey.from_seed(b"g" * 32))
+GW = Identity.create(
+    "spiffe://prod.example.com/ns/edge/sa/gateway", SigningKey.from_seed(b"g" * 32)
+)
 BUNDLE = TrustBundle.of([GW.bundle_key])
 
 
 async def _publish(broker: MemoryBroker, n: int, destination: str = "kafka:orders") -> None:
     producer = MemoryProducer(broker, signer=ChainSigner(GW))
     for i in range(n):
-        origin = mint_origin(GW, subject="user:a", issuer="idp", credential="t",
-                             scope=["s"], now=time.time())
+        origin = mint_origin(
+            GW, subject="user:a", issuer="idp", credential="t", scope=["s"], now=time.time()
+        )
         event = CloudEvent({"type": "t", "source": "/s", "id": f"e{i}"}, {"i": i})
         await producer.send_and_wait(destination, event, origin=origin)
 
 
 def _consumer(broker: MemoryBroker, group: str = "g", attempts: int = 3) -> MemoryConsumer:
-    return MemoryConsumer(broker, "kafka:orders", verifier=ChainVerifier(BUNDLE), group_id=group,
-                          max_attempts=attempts)
+    return MemoryConsumer(
+        broker,
+        "kafka:orders",
+        verifier=ChainVerifier(BUNDLE),
+        group_id=group,
+        max_attempts=attempts,
+    )
 
 
 def test_each_group_gets_every_message_and_commits_after_handling() -> None:
@@ -49,6 +57,7 @@ def test_each_group_gets_every_message_and_commits_after_handling() -> None:
         async def handle(trusted: TrustedEvent) -> None:
             assert broker.committed.get((group, "kafka:orders"), 0) == len(seen[group])
             seen[group].append(trusted.event.get_id())
+
         return handle
 
     for group in ("a", "b"):

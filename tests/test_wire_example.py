@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from trusthop.bundle import TrustBundle, BundleKey
 from trusthop.bindings.structured import decode_structured
+from trusthop.bundle import BundleKey, TrustBundle
 from trusthop.example import GATEWAY, GATEWAY_SEED, IAT, build
 from trusthop.keys import SigningKey
 from trusthop.verify import verify_chain
@@ -30,8 +30,13 @@ def test_the_example_chain_verifies_and_binds_the_documented_event() -> None:
         b'"type":"com.example.order.created","time":"2026-01-01T00:00:00Z",'
         b'"datacontenttype":"application/json","data":{"order":1}}'
     )
-    context = verify_chain(values["trustchain"], bundle=bundle, event_digest=event.digest(),
-                           destination="kafka:orders", now=IAT + 10)
+    context = verify_chain(
+        values["trustchain"],
+        bundle=bundle,
+        event_digest=event.digest(),
+        destination="kafka:orders",
+        now=IAT + 10,
+    )
     assert context.subject == "user:alice"
     assert context.actors == (GATEWAY, GATEWAY)
     assert event.digest().hex() == values["event_digest"]

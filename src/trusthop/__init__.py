@@ -5,12 +5,15 @@ workload that publishes a derived event appends a signed hop ring; every
 consumer verifies the whole chain before its handler runs. See ``docs/``.
 """
 
+from trusthop.amqp import Delivery as AmqpDelivery
+from trusthop.amqp import PublishRefused, TrustedPublisher, TrustedWorker
 from trusthop.bundle import BundleError, BundleKey, TrustBundle
 from trusthop.chain import Chain, HopRing, OriginRing, decode_chain
 from trusthop.destination import amqp_destination, kafka_destination
 from trusthop.digest import event_digest
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
+from trusthop.kafka import KafkaDelivery, TrustedKafkaConsumer, TrustedKafkaProducer
 from trusthop.keys import PublicKey, SigningKey
 from trusthop.memory import MemoryBroker, MemoryConsumer, MemoryProducer
 from trusthop.pipeline import ChainSigner, ChainVerifier, Rejection, TrustedEvent
@@ -21,6 +24,7 @@ from trusthop.verify import Limits, VerifiedContext, verify_chain
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmqpDelivery",
     "BundleError",
     "BundleKey",
     "Chain",
@@ -28,12 +32,14 @@ __all__ = [
     "ChainVerifier",
     "HopRing",
     "Identity",
+    "KafkaDelivery",
     "Limits",
     "MemoryBroker",
     "MemoryConsumer",
     "MemoryProducer",
     "OriginRing",
     "PublicKey",
+    "PublishRefused",
     "Reason",
     "Rejection",
     "SigningKey",
@@ -41,6 +47,10 @@ __all__ = [
     "TrustBundle",
     "TrustError",
     "TrustedEvent",
+    "TrustedKafkaConsumer",
+    "TrustedKafkaProducer",
+    "TrustedPublisher",
+    "TrustedWorker",
     "VerifiedContext",
     "WireEvent",
     "__version__",

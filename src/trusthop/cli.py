@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -184,6 +185,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from trusthop.demo import run_demo
     from trusthop.demo.render import print_report
 
+    # The wrappers log every rejection; the demo prints its own report of them.
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR, format="%(name)s: %(message)s"
+    )
     if (args.kafka is None) != (args.amqp is None):
         raise UsageError("--kafka and --amqp go together (or neither, for in-memory)")
     if args.kafka is not None:
@@ -254,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--kafka", metavar="HOST:PORT", help="real Kafka bootstrap server")
     p.add_argument("--amqp", metavar="URL", help="real RabbitMQ URL")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the wrappers' log lines")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -162,7 +162,10 @@ class MemoryConsumer:
                     self._dead_letter(
                         message,
                         Rejection.of(
-                            failure, source=self.destination, consumer=self.group_id, attempts=attempt
+                            failure,
+                            source=self.destination,
+                            consumer=self.group_id,
+                            attempts=attempt,
                         ),
                     )
                     return

@@ -125,7 +125,11 @@ class BrokerBus:
             publisher = TrustedPublisher(await self._amqp_channel(), signer=signer)
             self._publishers[actor] = publisher
         await publisher.publish(
-            event, exchange=name, routing_key=routing_key, origin=origin, parent=parent,
+            event,
+            exchange=name,
+            routing_key=routing_key,
+            origin=origin,
+            parent=parent,
             scope=scope,
         )
 
@@ -141,18 +145,27 @@ class BrokerBus:
         exchange = await channel.get_exchange(name, ensure=False)
         await exchange.publish(
             aio_pika.Message(body, headers=dict(headers_), content_type=content_type),
-            routing_key=routing_key, mandatory=True,
+            routing_key=routing_key,
+            mandatory=True,
         )
 
     async def consume(
-        self, destination: str, *, consumer: str, verifier: ChainVerifier, handler: Handler,
+        self,
+        destination: str,
+        *,
+        consumer: str,
+        verifier: ChainVerifier,
+        handler: Handler,
         count: int,
     ) -> None:
         kind, name, _ = self._split(destination)
         if kind == "kafka":
             kafka = TrustedKafkaConsumer(
-                name, verifier=verifier, group_id=f"{consumer}-{self.run}",
-                bootstrap_servers=self.bootstrap, auto_offset_reset="earliest",
+                name,
+                verifier=verifier,
+                group_id=f"{consumer}-{self.run}",
+                bootstrap_servers=self.bootstrap,
+                auto_offset_reset="earliest",
                 **self.consumer_options,
             )
 
@@ -171,7 +184,8 @@ class BrokerBus:
 
         async with worker:
             async with asyncio.timeout(_TIMEOUT):
-                while worker.stats.delivered + worker.stats.total_dead_lettered < count:
+                # The worker's counters are the only signal that covers dead letters too.
+                while worker.stats.delivered + worker.stats.total_dead_lettered < count:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
 
     async def dead_letters(self, destination: str, *, consumer: str) -> list[DeadLetter]:
@@ -184,10 +198,12 @@ class BrokerBus:
         letters = []
         while (message := await dlq.get(no_ack=True, fail=False)) is not None:
             headers = message.headers or {}
-            letters.append(DeadLetter(
-                str(headers.get("cloudEvents_id")) if "cloudEvents_id" in headers else None,
-                str(headers.get(H_REASON, "?")),
-            ))
+            letters.append(
+                DeadLetter(
+                    str(headers.get("cloudEvents_id")) if "cloudEvents_id" in headers else None,
+                    str(headers.get(H_REASON, "?")),
+                )
+            )
         return letters
 
     async def _kafka_dead_letters(self, topic: str) -> list[DeadLetter]:
@@ -206,8 +222,10 @@ class BrokerBus:
                     for records in batch.values():
                         for record in records:
                             headers = list(record.headers or ())
-                            reason = next((v.decode() for k, v in headers
-                                           if k == H_REASON and v is not None), "?")
+                            reason = next(
+                                (v.decode() for k, v in headers if k == H_REASON and v is not None),
+                                "?",
+                            )
                             letters.append(DeadLetter(_event_id(headers), reason))
             return letters
         finally:

@@ -120,9 +120,10 @@ def _event(
 
 def _order_of(trusted: TrustedEvent) -> int:
     data = trusted.event.get_data()
-    if not isinstance(data, dict) or not isinstance(data.get("order"), int):
+    order = data.get("order") if isinstance(data, dict) else None
+    if not isinstance(order, int):
         raise ValueError("not an order event")
-    return data["order"]
+    return order
 
 
 def _with_data(wire: WireEvent, data: bytes) -> WireEvent:
