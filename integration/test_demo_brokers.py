@@ -50,6 +50,7 @@ def test_demo_command_on_real_brokers(kafka_bootstrap: str, amqp_url: str) -> No
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "Unclosed" not in result.stderr and "destroyed" not in result.stderr, result.stderr
     document = json.loads(result.stdout)
     assert document["transport"] == "kafka+rabbitmq" and document["ok"]
     assert {(r["scenario"], r["reason"]) for r in document["rejected"]} == set(EXPECTED.items())

@@ -51,6 +51,8 @@ class BrokerBus:
         self._connection: Any = None
         self._channel: Any = None
         self._queues: dict[str, str] = {}
+        # Handlers run concurrently (RabbitMQ prefetch): create clients once.
+        self._lock = asyncio.Lock()
 
     # names ---------------------------------------------------------------
 
@@ -112,18 +114,20 @@ class BrokerBus:
         kind, name, routing_key = self._split(destination)
         actor = signer.identity.actor
         if kind == "kafka":
-            producer = self._producers.get(actor)
-            if producer is None:
-                producer = TrustedKafkaProducer(signer=signer, bootstrap_servers=self.bootstrap)
-                await producer.start()
-                self._producers[actor] = producer
+            async with self._lock:
+                producer = self._producers.get(actor)
+                if producer is None:
+                    producer = TrustedKafkaProducer(signer=signer, bootstrap_servers=self.bootstrap)
+                    await producer.start()
+                    self._producers[actor] = producer
             await producer.send_and_wait(name, event, origin=origin, parent=parent, scope=scope)
             return
-        await self._queue_for(destination)
-        publisher = self._publishers.get(actor)
-        if publisher is None:
-            publisher = TrustedPublisher(await self._amqp_channel(), signer=signer)
-            self._publishers[actor] = publisher
+        async with self._lock:
+            await self._queue_for(destination)
+            publisher = self._publishers.get(actor)
+            if publisher is None:
+                publisher = TrustedPublisher(await self._amqp_channel(), signer=signer)
+                self._publishers[actor] = publisher
         await publisher.publish(
             event,
             exchange=name,
