@@ -72,7 +72,7 @@ from trusthop.chain import OriginRing
 from trusthop.destination import amqp_destination
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
-from trusthop.pipeline import ChainSigner, ChainVerifier, Rejection, TrustedEvent
+from trusthop.pipeline import ChainSigner, ChainVerifier, DeliveryViews, Rejection, TrustedEvent
 from trusthop.verify import VerifiedContext
 
 __all__ = [
@@ -282,7 +282,7 @@ class TrustedPublisher:
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(DeliveryViews):
     """What a handler receives: a verified event and the message it came in.
 
     Attributes:
@@ -297,21 +297,6 @@ class Delivery:
     message: AbstractIncomingMessage
     queue: str
     attempt: int = 1
-
-    @property
-    def event(self) -> CloudEvent:
-        """The verified CloudEvent."""
-        return self.trusted.event
-
-    @property
-    def context(self) -> VerifiedContext:
-        """Subject, scope, path of actors...; pass as ``parent=`` to derive events."""
-        return self.trusted.context
-
-    @property
-    def wire(self) -> WireEvent:
-        """The decoded wire form the digest was computed over."""
-        return self.trusted.wire
 
 
 Handler = Callable[[Delivery], Awaitable[None]]

@@ -86,6 +86,8 @@ class TrustBundle:
                 key = PublicKey.from_jwk(jwk)
             except ValueError as exc:
                 raise BundleError(f"{where}: {exc}") from exc
+            if jwk.get("use", "sig") != "sig":
+                raise BundleError(f"{where}: 'use' must be 'sig' for a ring-signing key")
             revoked = jwk.get("revoked", False)
             if not isinstance(revoked, bool):
                 raise BundleError(f"{where}: 'revoked' must be true or false")

@@ -41,6 +41,24 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise EncodingError("msgpack extension types are not allowed")
 
 
+def _check_plain(value: Any, max_depth: int) -> None:
+    """Reject floats (keys included) and nesting deeper than ``max_depth``.
+
+    Iterative, so neither check can itself hit the recursion limit; afterwards
+    the recursive :func:`pack` only ever sees shallow values.
+    """
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, float):
+            raise EncodingError("floats are not allowed")
+        if isinstance(item, dict | list):
+            if depth >= max_depth:
+                raise EncodingError(f"nesting deeper than {max_depth}")
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
 def unpack_canonical(
     data: bytes,
     *,
@@ -48,14 +66,15 @@ def unpack_canonical(
     max_bin_len: int = 4096,
     max_array_len: int = 1024,
     max_map_len: int = 64,
+    max_depth: int = 32,
 ) -> Any:
     """Decode ``data`` and require that it is the canonical encoding of its value.
 
     Raises:
         EncodingError: bad msgpack, trailing bytes, extension types, floats,
-            duplicate or unsorted map keys, non-minimal integers, or any length
-            over the given limits (enforced while decoding, so a hostile length
-            prefix cannot allocate memory).
+            duplicate or unsorted map keys, non-minimal integers, nesting deeper
+            than ``max_depth``, or any length over the given limits (enforced
+            while decoding, so a hostile length prefix cannot allocate memory).
     """
     try:
         value = msgpack.unpackb(
@@ -72,9 +91,16 @@ def unpack_canonical(
         )
     except EncodingError:
         raise
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
-            msgpack.StackError, RecursionError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+        RecursionError,
+    ) as exc:
         raise EncodingError(f"not valid msgpack ({type(exc).__name__})") from exc
+    _check_plain(value, max_depth)
     # Re-encoding catches duplicate keys (collapsed on decode), unsorted keys,
     # non-minimal integers and str/bin confusion in one comparison.
     try:

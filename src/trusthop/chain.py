@@ -143,7 +143,9 @@ class Chain:
 
     origin: OriginRing
     hops: tuple[HopRing, ...] = ()
-    _hashes: list[bytes] = field(default_factory=list, compare=False, repr=False)
+    # Not an __init__ argument, so dataclasses.replace() never carries the
+    # cache of one chain over to another chain with as many rings.
+    _hashes: list[bytes] = field(default_factory=list, init=False, compare=False, repr=False)
 
     @property
     def rings(self) -> tuple[Ring, ...]:
@@ -223,6 +225,9 @@ def _signature(m: dict[Any, Any], index: int) -> bytes:
 def _keys(m: Any, index: int, required: frozenset[int], allowed: frozenset[int]) -> dict[Any, Any]:
     if not isinstance(m, dict):
         raise _fail(f"ring {index}: not a map", index)
+    if not all(type(k) is int for k in m):
+        # True (and 1.0) compare and hash equal to 1: only real integers are field keys.
+        raise _fail(f"ring {index}: field keys must be integers", index)
     keys = set(m)
     if not keys <= allowed:
         raise _fail(f"ring {index}: unknown field(s) {sorted(map(repr, keys - allowed))}", index)
@@ -238,8 +243,10 @@ def _origin(m: Any) -> OriginRing:
     amr = None
     if K_AMR in m:
         raw = m[K_AMR]
-        if not isinstance(raw, list) or len(raw) > 16 or not all(
-            isinstance(x, str) and 0 < len(x) <= 64 for x in raw
+        if (
+            not isinstance(raw, list)
+            or len(raw) > 16
+            or not all(isinstance(x, str) and 0 < len(x) <= 64 for x in raw)
         ):
             raise _fail("ring 0: amr must be a short list of strings", 0)
         amr = tuple(raw)
@@ -306,9 +313,7 @@ def decode_chain(text: str, *, max_bytes: int, max_rings: int) -> Chain:
         TrustError: ``too_large``, ``depth_exceeded`` or ``malformed``.
     """
     if len(text) > max_bytes:
-        raise TrustError(
-            Reason.TOO_LARGE, f"chain is {len(text)} bytes, the limit is {max_bytes}"
-        )
+        raise TrustError(Reason.TOO_LARGE, f"chain is {len(text)} bytes, the limit is {max_bytes}")
     try:
         raw = b64url_decode(text)
     except EncodingError as exc:

@@ -36,7 +36,8 @@ _DOMAIN = "trusthop/v1/event"
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _NAME = re.compile(r"[a-z0-9]{1,20}\Z")
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})\Z"
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})\Z",
+    re.ASCII,  # \d is 0-9 only: other Unicode digits would alias the ASCII timestamp
 )
 
 
@@ -63,7 +64,7 @@ def canonical_json(value: Any) -> bytes:
         return json.dumps(
             value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise TrustError(Reason.MALFORMED, f"data is not JSON-serialisable: {exc}") from exc
 
 
@@ -100,6 +101,8 @@ def canonical_time(value: str | datetime) -> str:
         fraction = f"{moment.microsecond:06d}".rstrip("0")
         moment = moment.replace(microsecond=0)
     else:
+        if not isinstance(value, str):
+            raise TrustError(Reason.MALFORMED, "'time' must be a timestamp")
         match = _RFC3339.match(value)
         if not match:
             raise TrustError(Reason.MALFORMED, "'time' is not an RFC 3339 timestamp")

@@ -86,7 +86,7 @@ class WireEvent:
         if data is not None and is_json_content_type(self.content_type):
             try:
                 data = json.loads(data)
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                 raise TrustError(Reason.MALFORMED, "JSON data does not parse") from exc
         try:
             return CloudEvent(attributes, data)
@@ -96,9 +96,7 @@ class WireEvent:
     @classmethod
     def from_cloudevent(cls, event: CloudEvent, chain: str | None = None) -> WireEvent:
         """The wire form of an SDK event (any ``trustchain`` on it is dropped)."""
-        attributes = {
-            k: v for k, v in event.get_attributes().items() if k != CHAIN_ATTRIBUTE
-        }
+        attributes = {k: v for k, v in event.get_attributes().items() if k != CHAIN_ATTRIBUTE}
         data = event.get_data()
         if data is not None and not isinstance(data, bytes | str):
             attributes.setdefault("datacontenttype", "application/json")

@@ -46,7 +46,7 @@ from trusthop.chain import OriginRing, decode_chain
 from trusthop.destination import kafka_destination
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent, wire_value
-from trusthop.pipeline import ChainSigner, ChainVerifier, Rejection, TrustedEvent
+from trusthop.pipeline import ChainSigner, ChainVerifier, DeliveryViews, Rejection, TrustedEvent
 from trusthop.verify import Limits, VerifiedContext
 
 __all__ = [
@@ -212,9 +212,7 @@ class TrustedKafkaProducer:
         self.max_message_bytes = max_message_bytes
         self.limits = limits if limits is not None else Limits()
         self._owned = producer is None
-        self._producer: Any = (
-            AIOKafkaProducer(**producer_kwargs) if producer is None else producer
-        )
+        self._producer: Any = AIOKafkaProducer(**producer_kwargs) if producer is None else producer
 
     @property
     def client(self) -> Any:
@@ -282,8 +280,9 @@ class TrustedKafkaProducer:
         )
         if wire.chain is not None:
             # The consumer's bounds, checked by the core's own decoder.
-            decode_chain(wire.chain, max_bytes=self.limits.max_bytes,
-                         max_rings=self.limits.max_rings)
+            decode_chain(
+                wire.chain, max_bytes=self.limits.max_bytes, max_rings=self.limits.max_rings
+            )
         headers, value = encode_kafka(wire, structured=self.structured)
         key_bytes = _key_bytes(key, wire)
         # Kafka has no "CloudEvent without data": an empty value decodes to no data.
@@ -384,7 +383,7 @@ def _key_bytes(key: bytes | str | None, wire: WireEvent) -> bytes | None:
 
 
 @dataclass(frozen=True, slots=True)
-class KafkaDelivery:
+class KafkaDelivery(DeliveryViews):
     """A verified record handed to user code.
 
     ``record`` is aiokafka's ``ConsumerRecord`` (raw key, value, headers,
@@ -396,21 +395,6 @@ class KafkaDelivery:
     trusted: TrustedEvent
     record: Any
     attempt: int = 1
-
-    @property
-    def event(self) -> CloudEvent:
-        """The verified CloudEvent (JSON data parsed, other data as bytes)."""
-        return self.trusted.event
-
-    @property
-    def context(self) -> VerifiedContext:
-        """Subject, scope, actors and chain the verifier vouched for."""
-        return self.trusted.context
-
-    @property
-    def wire(self) -> WireEvent:
-        """The decoded wire form the digest was computed over."""
-        return self.trusted.wire
 
     @property
     def topic(self) -> str:
@@ -799,15 +783,27 @@ class TrustedKafkaConsumer:
                 await func(replace(delivery, attempt=attempt))
             except Exception as exc:
                 error = exc
-                log.debug("handler attempt %d/%d failed for %s:%d@%d", attempt,
-                          self.max_attempts, delivery.topic, delivery.partition,
-                          delivery.offset, exc_info=True)
+                log.debug(
+                    "handler attempt %d/%d failed for %s:%d@%d",
+                    attempt,
+                    self.max_attempts,
+                    delivery.topic,
+                    delivery.partition,
+                    delivery.offset,
+                    exc_info=True,
+                )
                 continue
             await self._commit_handled(delivery.record)
             return
         assert error is not None
-        log.warning("handler failed %d times for %s:%d@%d: %r", self.max_attempts,
-                    delivery.topic, delivery.partition, delivery.offset, error)
+        log.warning(
+            "handler failed %d times for %s:%d@%d: %r",
+            self.max_attempts,
+            delivery.topic,
+            delivery.partition,
+            delivery.offset,
+            error,
+        )
         rejection = Rejection(
             Reason.HANDLER_FAILED,
             f"{type(error).__name__}: {error}",
@@ -843,8 +839,9 @@ class TrustedKafkaConsumer:
             rejection = Rejection.of(
                 error, source=kafka_destination(record.topic), consumer=self.group_id
             )
-            log.warning("rejected %s:%d@%d: %s", record.topic, record.partition,
-                        record.offset, error)
+            log.warning(
+                "rejected %s:%d@%d: %s", record.topic, record.partition, record.offset, error
+            )
             await self._dead_letter(record, rejection)
             return None
         return KafkaDelivery(trusted, record)
@@ -862,8 +859,9 @@ class TrustedKafkaConsumer:
             future = await self._dlq.send_batch(batch, topic, partition=partitions[0])
             await future
         else:
-            await self._dlq.send_and_wait(topic, value=record.value, key=record.key,
-                                          headers=headers)
+            await self._dlq.send_and_wait(
+                topic, value=record.value, key=record.key, headers=headers
+            )
         self.stats.dead_lettered[rejection.reason] += 1
 
     async def _commit_handled(self, record: Any) -> None:
@@ -879,8 +877,9 @@ class TrustedKafkaConsumer:
             # The partition moved to another member: it resumes from the last
             # committed offset and delivers this record again (not lost).
             self.stats.commit_failures += 1
-            log.warning("commit of %s@%d refused (%s); it will be redelivered",
-                        tp, record.offset, exc)
+            log.warning(
+                "commit of %s@%d refused (%s); it will be redelivered", tp, record.offset, exc
+            )
 
     def _rewind(self, record: Any) -> None:
         """Deliver ``record`` again: forget what was buffered after it, seek back."""
@@ -893,6 +892,5 @@ class TrustedKafkaConsumer:
     def _drop_buffered(self, partitions: set[Any]) -> None:
         if partitions and self._buffer:
             self._buffer = deque(
-                r for r in self._buffer
-                if TopicPartition(r.topic, r.partition) not in partitions
+                r for r in self._buffer if TopicPartition(r.topic, r.partition) not in partitions
             )

@@ -23,6 +23,22 @@ from trusthop.canonical import EncodingError, b64url_decode, b64url_encode
 
 ED25519 = "EdDSA"
 
+# Encodings of the eight points of small order (the sign bit, the high bit of
+# the last byte, is ignored). A constant signature "verifies" many or all
+# messages under such a key, so it can never be a bundle key.
+_SMALL_ORDER = frozenset(
+    bytes.fromhex(h)
+    for h in (
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    )
+)
+
 
 @dataclass(frozen=True, slots=True)
 class PublicKey:
@@ -36,6 +52,8 @@ class PublicKey:
             raise ValueError(f"unsupported algorithm {self.alg!r}")
         if len(self.raw) != 32:
             raise ValueError("an Ed25519 public key is 32 bytes")
+        if self.raw[:31] + bytes([self.raw[31] & 0x7F]) in _SMALL_ORDER:
+            raise ValueError("an Ed25519 public key of small order is not a key")
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         """True when ``signature`` is valid for ``message`` under this key."""

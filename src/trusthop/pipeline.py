@@ -41,6 +41,28 @@ class TrustedEvent:
     wire: WireEvent
 
 
+class DeliveryViews:
+    """Shortcuts shared by the transports' delivery objects, which hold ``trusted``."""
+
+    __slots__ = ()
+    trusted: TrustedEvent
+
+    @property
+    def event(self) -> CloudEvent:
+        """The verified CloudEvent (JSON data parsed, other data as bytes)."""
+        return self.trusted.event
+
+    @property
+    def context(self) -> VerifiedContext:
+        """Subject, scope, actors and chain; pass as ``parent=`` to derive events."""
+        return self.trusted.context
+
+    @property
+    def wire(self) -> WireEvent:
+        """The decoded wire form the digest was computed over."""
+        return self.trusted.wire
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """Why a message was dead-lettered, as written into its headers."""
@@ -87,14 +109,17 @@ class ChainSigner:
         *,
         destination: str,
         origin: OriginRing | None = None,
-        parent: VerifiedContext | None = None,
+        parent: VerifiedContext | Chain | None = None,
         scope: Iterable[str] | None = None,
         peer: str | None = None,
+        consumed_event_id: str | None = None,
     ) -> WireEvent:
         """Append a hop ring for ``event`` published to ``destination``.
 
         Exactly one of ``origin`` (the first event of a request, at the edge)
-        or ``parent`` (a derived event of a verified delivery) is given.
+        or ``parent`` (a derived event of a verified delivery) is given. A bare
+        :class:`Chain` as ``parent`` is for tools that extend a chain they did
+        not consume; ``consumed_event_id`` then names the parent event.
 
         Raises:
             TrustError: the producer-side checks of :func:`append_hop`.
@@ -103,7 +128,14 @@ class ChainSigner:
         if (origin is None) == (parent is None):
             raise ValueError("give exactly one of origin= or parent=")
         wire = WireEvent.from_cloudevent(event)
-        chain = Chain(origin) if origin is not None else parent.chain  # type: ignore[union-attr]
+        if origin is not None:
+            chain = Chain(origin)
+        elif isinstance(parent, VerifiedContext):
+            chain = parent.chain
+            consumed_event_id = consumed_event_id or parent.event_id
+        else:
+            assert parent is not None
+            chain = parent
         sealed = append_hop(
             self.identity,
             chain,
@@ -112,7 +144,7 @@ class ChainSigner:
             now=self._clock(),
             scope=scope,
             ttl=self.hop_ttl,
-            consumed_event_id=parent.event_id if parent is not None else None,
+            consumed_event_id=consumed_event_id,
             peer=peer,
         )
         wire.chain = sealed.encode()

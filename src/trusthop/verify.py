@@ -22,6 +22,7 @@ names the first broken rule in this order:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,19 +71,20 @@ class VerifiedContext:
         return self.chain.hashes()[-1]
 
 
-def check_binding(ring: Ring, index: int, entry: BundleKey | None, bundle: TrustBundle,
-                  trust_domain: str) -> BundleKey:
+def check_binding(
+    ring: Ring, index: int, entry: BundleKey | None, bundle: TrustBundle, trust_domain: str
+) -> BundleKey:
     """Key lookup, revocation and actor binding for one ring."""
     if entry is None:
         raise TrustError(
-            Reason.UNKNOWN_KEY, f"ring {index}: key id {ring.kid!r} is not in the trust bundle",
+            Reason.UNKNOWN_KEY,
+            f"ring {index}: key id {ring.kid!r} is not in the trust bundle",
             ring=index,
         )
     if entry.revoked:
         raise TrustError(Reason.REVOKED, f"ring {index}: key {ring.kid!r} is revoked", ring=index)
     if ring.actor in bundle.revoked_actors:
-        raise TrustError(Reason.REVOKED, f"ring {index}: actor {ring.actor} is revoked",
-                         ring=index)
+        raise TrustError(Reason.REVOKED, f"ring {index}: actor {ring.actor} is revoked", ring=index)
     if entry.actor != ring.actor:
         raise TrustError(
             Reason.UNAUTHORIZED_ACTOR,
@@ -103,20 +105,25 @@ def check_narrowing(prev: Ring, ring: HopRing, index: int) -> None:
     if not ring.scope <= prev.scope:
         extra = ", ".join(sorted(ring.scope - prev.scope))
         raise TrustError(
-            Reason.SCOPE_ESCALATION, f"ring {index} adds scope not granted before it: {extra}",
+            Reason.SCOPE_ESCALATION,
+            f"ring {index} adds scope not granted before it: {extra}",
             ring=index,
         )
     if ring.iat < prev.iat or ring.exp > prev.exp or ring.iat > ring.exp:
         raise TrustError(
             Reason.WINDOW_ESCALATION,
-            f"ring {index} window [{ring.iat}, {ring.exp}] is not inside "
-            f"[{prev.iat}, {prev.exp}]",
+            f"ring {index} window [{ring.iat}, {ring.exp}] is not inside [{prev.iat}, {prev.exp}]",
             ring=index,
         )
 
 
 def check_window(ring: Ring, now: float, leeway: int) -> None:
-    """The newest ring's window, which nests inside all earlier windows."""
+    """The newest ring's window, which nests inside all earlier windows.
+
+    A clock that is not a finite number fails closed (``expired``).
+    """
+    if not math.isfinite(now):
+        raise TrustError(Reason.EXPIRED, "the verifier's clock is not a finite time")
     if now > ring.exp + leeway:
         raise TrustError(Reason.EXPIRED, f"chain expired at {ring.exp} (now {int(now)})")
     if now + leeway < ring.iat:
@@ -169,10 +176,11 @@ def verify_decoded(
     (a cache of verified ring hashes); it must return the same answer as the
     default for every ring it is asked about.
     """
-    entries = check_structure(chain, bundle)
     newest = chain.newest
     if not isinstance(newest, HopRing):
+        # Structure (step 2) comes before any key lookup (step 3).
         raise TrustError(Reason.MALFORMED, "chain has an origin ring but no hop ring")
+    entries = check_structure(chain, bundle)
     if newest.event_digest != event_digest:
         raise TrustError(
             Reason.EVENT_MISMATCH,

@@ -13,7 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from trusthop.bindings.structured import CONTENT_TYPE, decode_structured, encode_structured, is_structured
+from trusthop.bindings.structured import (
+    CONTENT_TYPE,
+    decode_structured,
+    encode_structured,
+    is_structured,
+)
 from trusthop.digest import CHAIN_ATTRIBUTE
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent, wire_value
@@ -77,7 +82,9 @@ def decode_amqp(
         attributes[name] = _text(key, value)
     if is_structured(content_type):
         if attributes:
-            raise TrustError(Reason.MALFORMED, "structured message also carries CloudEvents headers")
+            raise TrustError(
+                Reason.MALFORMED, "structured message also carries CloudEvents headers"
+            )
         return decode_structured(body)
     chain = attributes.pop(CHAIN_ATTRIBUTE, None)
     if chain is not None and not isinstance(chain, str):

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from trusthop.bindings.structured import CONTENT_TYPE, decode_structured, encode_structured, is_structured
+from trusthop.bindings.structured import (
+    CONTENT_TYPE,
+    decode_structured,
+    encode_structured,
+    is_structured,
+)
 from trusthop.digest import CHAIN_ATTRIBUTE
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent, wire_value
@@ -24,7 +29,9 @@ CONTENT_TYPE_HEADER = "content-type"
 KafkaHeaders = list[tuple[str, bytes]]
 
 
-def encode_kafka(event: WireEvent, *, structured: bool = False) -> tuple[KafkaHeaders, bytes | None]:
+def encode_kafka(
+    event: WireEvent, *, structured: bool = False
+) -> tuple[KafkaHeaders, bytes | None]:
     """Headers and value for ``event`` (the chain travels as ``ce_trustchain``)."""
     if structured:
         return [(CONTENT_TYPE_HEADER, CONTENT_TYPE.encode())], encode_structured(event)
@@ -48,7 +55,9 @@ def _text(name: str, value: bytes | None) -> str:
         raise TrustError(Reason.MALFORMED, f"header {name[:40]!r} is not UTF-8") from exc
 
 
-def decode_kafka(headers: Sequence[tuple[str, bytes | None]] | None, value: bytes | None) -> WireEvent:
+def decode_kafka(
+    headers: Sequence[tuple[str, bytes | None]] | None, value: bytes | None
+) -> WireEvent:
     """Decode a consumed record into a :class:`WireEvent`.
 
     Raises:

@@ -62,18 +62,29 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Parsers disagree on which of two equal member names wins: refuse both.
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise ValueError("duplicate member name")
+    return document
+
+
 def decode_structured(body: bytes) -> WireEvent:
     """Parse a structured-mode body.
 
     Raises:
-        TrustError(malformed): not a JSON object, both ``data`` and
-            ``data_base64``, attribute values of a type CloudEvents does not
-            have, or a missing required attribute.
+        TrustError(malformed): not a JSON object, a member name that appears
+            twice (at any depth), both ``data`` and ``data_base64``, attribute
+            values of a type CloudEvents does not have, or a missing required
+            attribute.
     """
     if len(body) > MAX_STRUCTURED_BYTES:
         raise TrustError(Reason.MALFORMED, "structured event is over 1 MiB")
     try:
-        document = json.loads(body, parse_constant=_reject_constant)
+        document = json.loads(
+            body, parse_constant=_reject_constant, object_pairs_hook=_unique_members
+        )
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise TrustError(Reason.MALFORMED, "structured event is not JSON") from exc
     if not isinstance(document, dict):
@@ -101,7 +112,9 @@ def decode_structured(body: bytes) -> WireEvent:
         except (binascii.Error, ValueError) as exc:
             raise TrustError(Reason.MALFORMED, "'data_base64' is not base64") from exc
     elif has_data:
-        payload = data_bytes(value, content_type, json_default=True) if value is not None else b"null"
+        payload = (
+            data_bytes(value, content_type, json_default=True) if value is not None else b"null"
+        )
     else:
         payload = None
     event = WireEvent(document, payload, chain)

@@ -1,0 +1,193 @@
+"""Attacks on trusthop.sign: the producer refuses what a consumer would reject,
+with the consumer's reason code."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import uuid
+from typing import Any
+
+import pytest
+from chainkit import (
+    DEST2,
+    EDGE,
+    FOREIGN,
+    ORDERS,
+    PAYMENTS,
+    S0,
+    S1,
+    S2,
+    T0,
+    Story,
+    make_bundle,
+    rejected,
+    verify,
+)
+
+from trusthop.chain import Chain, ring_hash
+from trusthop.errors import Reason
+from trusthop.keys import SigningKey
+from trusthop.sign import (
+    DEFAULT_HOP_TTL,
+    DEFAULT_ORIGIN_TTL,
+    Identity,
+    append_hop,
+    hash_credential,
+    mint_origin,
+)
+
+R = Reason
+DIGEST = hashlib.sha256(b"event").digest()
+
+
+def origin(**overrides: Any) -> Any:
+    args: dict[str, Any] = {"subject": "user:alice", "issuer": "https://idp.example.com",
+                            "credential": "token", "scope": S0, "now": T0}
+    args.update(overrides)
+    return mint_origin(EDGE, **args)
+
+
+def test_mint_origin_fields() -> None:
+    ring = origin(now=T0 + 0.9, ttl=600, transaction_id="txn-7", acr="mfa", amr=["pwd"])
+    assert ring.actor == EDGE.actor and ring.kid == EDGE.kid
+    assert (ring.iat, ring.exp) == (T0, T0 + 600)
+    assert ring.scope == S0
+    assert ring.credential_hash == hashlib.sha256(b"token").digest()
+    assert ring.transaction_id == "txn-7"
+    assert ring.trust_domain == "prod.example.com"
+    assert (ring.acr, ring.amr) == ("mfa", ("pwd",))
+    assert EDGE.key.public_key.verify(ring.signature, ring.signing_input())
+
+
+def test_mint_origin_defaults() -> None:
+    a, b = origin(), origin()
+    assert a.exp - a.iat == DEFAULT_ORIGIN_TTL
+    assert uuid.UUID(a.transaction_id) != uuid.UUID(b.transaction_id)
+    assert a.acr is None and a.amr is None
+
+
+def test_the_credential_is_only_hashed() -> None:
+    assert hash_credential("t\u00e9") == hash_credential("t\u00e9".encode()) \
+        == hashlib.sha256("t\u00e9".encode()).digest()
+    ring = origin(credential="secret-bearer-token")
+    assert b"secret-bearer-token" not in Chain(ring).encode().encode()
+    assert "secret-bearer-token" not in repr(ring)
+
+
+@pytest.mark.parametrize(("overrides", "error"), [
+    ({"subject": ""}, ValueError), ({"issuer": ""}, ValueError),
+    ({"scope": "orders:read"}, TypeError), ({"scope": ["a", ""]}, ValueError),
+    ({"scope": [f"s{i}" for i in range(65)]}, ValueError), ({"scope": [1]}, ValueError),
+])
+def test_mint_origin_refuses(overrides: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        origin(**overrides)
+
+
+def test_identity_validates_its_actor() -> None:
+    with pytest.raises(ValueError):
+        Identity("spiffe://prod.example.com/x/", EDGE.key, "k")
+    identity = Identity.create("spiffe://prod.example.com/x", EDGE.key)
+    assert identity.kid == EDGE.key.public_key.thumbprint
+    assert identity.bundle_key.actor == "spiffe://prod.example.com/x"
+    assert identity.bundle_key.key == EDGE.key.public_key
+
+
+# -- append_hop ---------------------------------------------------------------------
+
+
+def test_append_hop_defaults_inherit_and_cap(story: Story) -> None:
+    prev = story.chain.hops[-1]
+    chain = append_hop(PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x",
+                       now=T0 + 25)
+    hop = chain.hops[-1]
+    assert hop.scope == prev.scope == S2
+    assert hop.iat == T0 + 25
+    assert hop.exp == min(T0 + 25 + DEFAULT_HOP_TTL, prev.exp) == prev.exp
+    assert hop.prev_hash == ring_hash(prev)
+    assert hop.kid == PAYMENTS.kid and hop.actor == PAYMENTS.actor
+    assert chain.rings[:-1] == story.chain.rings
+    assert len(story.chain.hops) == 2  # the parent chain is not changed
+
+
+def test_append_hop_with_a_short_ttl_and_narrower_scope(story: Story) -> None:
+    chain = append_hop(PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x",
+                       now=T0 + 25, ttl=5, scope=[])
+    assert (chain.hops[-1].iat, chain.hops[-1].exp) == (T0 + 25, T0 + 30)
+    assert chain.hops[-1].scope == frozenset()
+    assert verify(chain.encode(), digest=DIGEST, destination="kafka:x").scope == frozenset()
+
+
+def test_clock_behind_the_parent_starts_at_the_parent(story: Story) -> None:
+    chain = append_hop(PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x",
+                       now=T0 - 1000)
+    assert chain.hops[-1].iat == story.chain.hops[-1].iat
+
+
+@pytest.mark.parametrize(("now", "ok"), [(T0 + 920, True), (T0 + 920.9, True),
+                                         (T0 + 921, False), (T0 + 10**6, False)])
+def test_expired_parent_boundary(story: Story, now: float, ok: bool) -> None:
+    def extend() -> Chain:
+        return append_hop(PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x",
+                          now=now)
+
+    if ok:
+        hop = extend().hops[-1]
+        assert hop.iat == hop.exp == T0 + 920
+    else:
+        rejected(extend, R.EXPIRED)
+
+
+def test_negative_ttl_is_refused(story: Story) -> None:
+    rejected(lambda: append_hop(PAYMENTS, story.chain, event_digest=DIGEST,
+                                destination="kafka:x", now=T0 + 25, ttl=-1), R.EXPIRED)
+
+
+@pytest.mark.parametrize("scope", [S1, S0, S2 | {"admin"}, {"orders:read"}])
+def test_wider_scope_is_refused_with_the_consumer_reason(story: Story, scope: Any) -> None:
+    producer = rejected(lambda: append_hop(PAYMENTS, story.chain, event_digest=DIGEST,
+                                           destination="kafka:x", now=T0 + 25, scope=scope),
+                        R.SCOPE_ESCALATION, 3)
+    # Build the same ring the producer refused, sign it anyway, and ask a consumer.
+    hop = append_hop(PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x",
+                     now=T0 + 25).hops[-1]
+    wide = dataclasses.replace(hop, scope=frozenset(scope))
+    wide = dataclasses.replace(wide, signature=PAYMENTS.key.sign(wide.signing_input()))
+    consumer = rejected(lambda: verify(story.chain.appended(wide).encode(), digest=DIGEST,
+                                       destination="kafka:x"), R.SCOPE_ESCALATION, 3)
+    assert (producer.reason, producer.ring) == (consumer.reason, consumer.ring)
+
+
+def test_foreign_identity_is_refused_with_the_consumer_reason(story: Story) -> None:
+    rejected(lambda: append_hop(FOREIGN, story.chain, event_digest=DIGEST,
+                                destination="kafka:x", now=T0 + 25), R.UNAUTHORIZED_ACTOR)
+
+
+def test_append_hop_output_verifies_and_is_deterministic(story: Story) -> None:
+    def extend() -> Chain:
+        return append_hop(ORDERS, story.chain, event_digest=DIGEST, destination="kafka:x",
+                          now=T0 + 25, consumed_event_id="txn-1-e2", peer=PAYMENTS.actor)
+
+    a, b = extend(), extend()
+    assert a.encode() == b.encode()
+    ctx = verify(a.encode(), digest=DIGEST, destination="kafka:x")
+    assert ctx.actors[-1] == ORDERS.actor
+    assert a.hops[-1].consumed_event_id == "txn-1-e2"
+    assert a.hops[-1].peer == PAYMENTS.actor
+
+
+def test_signing_with_an_unbundled_key_under_a_bundled_kid_is_caught(story: Story) -> None:
+    impostor = Identity(ORDERS.actor, SigningKey.from_seed(b"\x77" * 32), ORDERS.kid)
+    chain = append_hop(impostor, story.chain, event_digest=DIGEST, destination=DEST2,
+                       now=T0 + 25)
+    rejected(lambda: verify(chain.encode(), digest=DIGEST), R.BAD_SIGNATURE, 3)
+
+
+def test_origin_only_chain_can_be_extended(story: Story) -> None:
+    chain = append_hop(EDGE, Chain(story.origin), event_digest=DIGEST, destination="kafka:x",
+                       now=T0 + 1)
+    assert chain.hops[0].scope == S0
+    assert chain.hops[0].exp == story.origin.exp
+    assert verify(chain.encode(), digest=DIGEST, destination="kafka:x",
+                  bundle=make_bundle()).scope == S0
