@@ -89,9 +89,13 @@ class WireEvent:
             except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                 raise TrustError(Reason.MALFORMED, "JSON data does not parse") from exc
         try:
-            return CloudEvent(attributes, data)
+            event = CloudEvent(attributes, data)
         except BaseCloudEventException as exc:
             raise TrustError(Reason.MALFORMED, f"not a valid CloudEvent: {exc}") from exc
+        if "time" not in self.attributes:
+            # The SDK fills in "now"; a handler must only see what was signed.
+            event.get_attributes().pop("time", None)
+        return event
 
     @classmethod
     def from_cloudevent(cls, event: CloudEvent, chain: str | None = None) -> WireEvent:
