@@ -1,30 +1,4 @@
-"""RabbitMQ (AMQP 0-9-1) shell: aio-pika wrappers that seal and verify trust chains.
-
-Two small objects wrap an aio-pika channel by composition; the channel stays
-the user's, opened the usual way::
-
-    connection = await aio_pika.connect_robust(url)
-    channel = await connection.channel(publisher_confirms=True)
-
-    publisher = TrustedPublisher(channel, signer=signer)
-    await publisher.publish(event, exchange="orders", routing_key="order.created",
-                            origin=origin)
-
-    worker = TrustedWorker(channel, verifier=verifier)
-
-    @worker.handler("billing", bind=[("orders", "order.created")])
-    async def on_order(delivery: Delivery) -> None:
-        ...  # runs only for verified events; the message is acked after it returns
-
-    async with worker:
-        ...
-
-Every rule (sealing, decoding, verification, dead-letter headers) is the
-core's: :class:`~trusthop.pipeline.ChainSigner`,
-:func:`~trusthop.bindings.amqp.encode_amqp` /
-:func:`~trusthop.bindings.amqp.decode_amqp`,
-:class:`~trusthop.pipeline.ChainVerifier` and
-:class:`~trusthop.pipeline.Rejection`. This module only moves messages.
+"""AMQP worker wrapper: consume queues, verify every message, then run its handler.
 
 Delivery contract of :class:`TrustedWorker`, per message:
 
@@ -46,239 +20,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import aio_pika
-from aio_pika import DeliveryMode
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    HeadersType,
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+
+from trusthop.amqp.messages import (
+    DEFAULT_DEAD_LETTER_EXCHANGE,
+    _source,
+    dead_letter_headers,
+    dead_letter_queue_name,
+    verify_delivery,
 )
-from aio_pika.exceptions import DeliveryError, PublishError
-from aiormq.abc import DeliveredMessage
-from cloudevents.core.v1.event import CloudEvent
-from pamqp.common import FieldValue
-
-from trusthop.bindings.amqp import decode_amqp, encode_amqp
-from trusthop.chain import OriginRing
-from trusthop.destination import amqp_destination
+from trusthop.amqp.publisher import _publish_confirmed, _require_confirms
 from trusthop.errors import Reason, TrustError
-from trusthop.event import WireEvent
-from trusthop.pipeline import ChainSigner, ChainVerifier, DeliveryViews, Rejection, TrustedEvent
-from trusthop.verify import VerifiedContext
-
-__all__ = [
-    "DEFAULT_DEAD_LETTER_EXCHANGE",
-    "DLQ_SUFFIX",
-    "Delivery",
-    "Handler",
-    "PublishRefused",
-    "TrustedPublisher",
-    "TrustedWorker",
-    "WorkerStats",
-    "dead_letter_headers",
-    "dead_letter_queue_name",
-    "verify_delivery",
-]
+from trusthop.pipeline import ChainVerifier, DeliveryViews, Rejection, TrustedEvent
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DEAD_LETTER_EXCHANGE = "trusthop.dlx"
-DLQ_SUFFIX = ".dlq"
-
-# Headers never copied from a rejected message into its dead letter:
-# ``trusthop-*`` (only the worker writes those) and the sender-selected
-# distribution headers RabbitMQ acts on at publish time (``CC`` would route
-# copies of an attacker's message to other queues bound to the DLX).
-_OWN_PREFIX = "trusthop-"
-_ROUTING_HEADERS = frozenset({"cc", "bcc"})
-
-
-class PublishRefused(Exception):
-    """The broker did not take responsibility for a published message.
-
-    Attributes:
-        exchange: exchange name the message was published to.
-        routing_key: its routing key.
-        returned: ``True`` when the broker returned the message as unroutable
-            (``mandatory`` and no binding matched), ``False`` for a nack.
-        reply_code: AMQP reply code of a return (``312`` NO_ROUTE), else ``None``.
-        reply_text: AMQP reply text of a return, else ``None``.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        exchange: str,
-        routing_key: str,
-        returned: bool,
-        reply_code: int | None = None,
-        reply_text: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.exchange = exchange
-        self.routing_key = routing_key
-        self.returned = returned
-        self.reply_code = reply_code
-        self.reply_text = reply_text
-
-
-def _returned(exchange: str, routing_key: str, frame: object) -> PublishRefused:
-    code = getattr(frame, "reply_code", None)
-    text = getattr(frame, "reply_text", None)
-    return PublishRefused(
-        f"broker returned the message published to exchange {exchange!r} with routing key "
-        f"{routing_key!r}: {code} {text} (no queue is bound for it)",
-        exchange=exchange,
-        routing_key=routing_key,
-        returned=True,
-        reply_code=code if isinstance(code, int) else None,
-        reply_text=text if isinstance(text, str) else None,
-    )
-
-
-async def _publish_confirmed(
-    exchange: AbstractExchange,
-    message: aio_pika.Message,
-    *,
-    routing_key: str,
-    mandatory: bool,
-) -> None:
-    """Publish and wait for the broker's confirm; refuse anything but an ack.
-
-    aio-pika 10 reports an unroutable ``mandatory`` message in two ways,
-    depending on the channel's ``on_return_raises``: it raises
-    :class:`aio_pika.exceptions.PublishError`, or (the default) it *returns*
-    the returned message instead of the ``Basic.Ack``. Both become
-    :class:`PublishRefused`, as does a nack (``DeliveryError``).
-    """
-    name = exchange.name
-    try:
-        result = await exchange.publish(message, routing_key=routing_key, mandatory=mandatory)
-    except PublishError as exc:  # returned, channel opened with on_return_raises=True
-        raise _returned(name, routing_key, exc.frame) from exc
-    except DeliveryError as exc:  # Basic.Nack / Basic.Reject
-        raise PublishRefused(
-            f"broker refused (nacked) the message published to exchange {name!r} with "
-            f"routing key {routing_key!r}",
-            exchange=name,
-            routing_key=routing_key,
-            returned=False,
-        ) from exc
-    if isinstance(result, DeliveredMessage):  # returned, on_return_raises=False
-        raise _returned(name, routing_key, result.delivery)
-    if result is None:  # only without publisher confirms, which the wrappers refuse
-        raise RuntimeError("publish not confirmed: the channel needs publisher_confirms=True")
-
-
-def _require_confirms(channel: AbstractChannel, owner: str) -> None:
-    if not getattr(channel, "publisher_confirms", False):
-        raise ValueError(
-            f"{owner} needs a channel opened with publisher_confirms=True "
-            "(connection.channel(publisher_confirms=True))"
-        )
-
-
-class TrustedPublisher:
-    """Seals CloudEvents and publishes them with publisher confirms.
-
-    Args:
-        channel: an aio-pika channel opened with ``publisher_confirms=True``
-            (a robust channel from ``connect_robust`` is fine).
-        signer: the workload's :class:`~trusthop.pipeline.ChainSigner`.
-        structured: publish in structured mode
-            (``application/cloudevents+json`` body) instead of binary mode
-            (``cloudEvents_*`` headers).
-
-    Raises:
-        ValueError: the channel does not use publisher confirms.
-    """
-
-    def __init__(
-        self, channel: AbstractChannel, *, signer: ChainSigner, structured: bool = False
-    ) -> None:
-        _require_confirms(channel, "TrustedPublisher")
-        self.channel = channel
-        self.signer = signer
-        self.structured = structured
-        self._exchanges: dict[str, AbstractExchange] = {}
-
-    async def _resolve(self, exchange: str | AbstractExchange) -> AbstractExchange:
-        if not isinstance(exchange, str):
-            return exchange
-        if exchange == "":
-            return self.channel.default_exchange
-        found = self._exchanges.get(exchange)
-        if found is None:
-            # No declaration and no round trip: the exchange must already exist.
-            found = await self.channel.get_exchange(exchange, ensure=False)
-            self._exchanges[exchange] = found
-        return found
-
-    async def publish(
-        self,
-        event: CloudEvent,
-        *,
-        exchange: str | AbstractExchange = "",
-        routing_key: str,
-        origin: OriginRing | None = None,
-        parent: VerifiedContext | None = None,
-        scope: Iterable[str] | None = None,
-        mandatory: bool = True,
-        persistent: bool = True,
-    ) -> WireEvent:
-        """Seal ``event`` for ``amqp:<exchange>/<routing_key>`` and publish it.
-
-        Exactly one of ``origin`` (first event of a request, at the edge) or
-        ``parent`` (the :attr:`Delivery.context` of the event this one derives
-        from) is given; ``scope`` narrows the chain's scope.
-
-        Returns:
-            The sealed :class:`~trusthop.event.WireEvent` that was published.
-
-        Raises:
-            TrustError: the producer-side checks (``scope_escalation``,
-                ``expired``, ``unauthorized_actor``); nothing is published.
-            ValueError: neither or both of ``origin``/``parent``, or an
-                exchange name containing ``/``; nothing is published.
-            PublishRefused: the broker returned the message (``mandatory`` and
-                no binding for the routing key) or nacked it.
-            aio_pika.exceptions.ChannelClosed: e.g. the exchange does not
-                exist (RabbitMQ closes the channel with ``NOT_FOUND``).
-
-        Bound the wait for the confirm with ``asyncio.timeout()`` if needed.
-        """
-        name = exchange if isinstance(exchange, str) else exchange.name
-        wire = self.signer.seal(
-            event,
-            destination=amqp_destination(name, routing_key),
-            origin=origin,
-            parent=parent,
-            scope=scope,
-        )
-        headers, body, content_type = encode_amqp(wire, structured=self.structured)
-        amqp_headers: HeadersType = dict(headers)
-        message = aio_pika.Message(
-            body,
-            headers=amqp_headers,
-            content_type=content_type,
-            delivery_mode=DeliveryMode.PERSISTENT if persistent else DeliveryMode.NOT_PERSISTENT,
-            # Unique per publish: aiormq matches a broker return to its publish
-            # by message_id, so it must not repeat while publishes are in flight.
-            message_id=uuid.uuid4().hex,
-        )
-        target = await self._resolve(exchange)
-        await _publish_confirmed(target, message, routing_key=routing_key, mandatory=mandatory)
-        return wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,75 +86,6 @@ class WorkerStats:
     @property
     def total_dead_lettered(self) -> int:
         return sum(self.dead_lettered.values())
-
-
-def dead_letter_queue_name(queue: str) -> str:
-    """The dead-letter queue of ``queue`` (``<queue>.dlq``)."""
-    return queue + DLQ_SUFFIX
-
-
-def _source(exchange: str | None, routing_key: str | None) -> tuple[str, TrustError | None]:
-    """The delivery's destination, or a label and the rejection it implies."""
-    exchange, routing_key = exchange or "", routing_key or ""
-    try:
-        return amqp_destination(exchange, routing_key), None
-    except ValueError as exc:
-        # No trusthop publisher can have signed for this exchange name.
-        return f"amqp:{exchange}/{routing_key}", TrustError(Reason.WRONG_DESTINATION, str(exc))
-
-
-def verify_delivery(
-    verifier: ChainVerifier,
-    *,
-    headers: Mapping[str, Any] | None,
-    body: bytes,
-    content_type: str | None,
-    exchange: str | None,
-    routing_key: str | None,
-) -> TrustedEvent:
-    """Decode and verify one delivered message, as the worker does.
-
-    Pure (no I/O). ``x-*`` and other non-CloudEvents headers are ignored by
-    the decoder, so they are neither trusted nor covered by the digest.
-
-    Raises:
-        TrustError: the only exception, whatever the headers and body hold.
-    """
-    destination, refused = _source(exchange, routing_key)
-    if refused is not None:
-        raise refused
-    wire = decode_amqp(headers, body, content_type)
-    return verifier.verify(wire, destination)
-
-
-def _reencodable(value: Any) -> FieldValue:
-    # pamqp decodes a non-UTF-8 long string as ``bytes`` but refuses to encode
-    # ``bytes``; ``bytearray`` travels as a byte array.
-    if isinstance(value, bytes):
-        return bytearray(value)
-    if isinstance(value, dict):
-        return {str(k): _reencodable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_reencodable(v) for v in value]
-    return value  # type: ignore[no-any-return]
-
-
-def dead_letter_headers(headers: Mapping[str, Any] | None, rejection: Rejection) -> HeadersType:
-    """Headers of a dead letter: the original ones plus the rejection's.
-
-    Original ``trusthop-*`` headers are dropped (a sender cannot forge a
-    verdict), as are ``CC``/``BCC`` (RabbitMQ would route extra copies);
-    values are made encodable again (``bytes`` become ``bytearray``).
-    """
-    out: HeadersType = {}
-    for key, value in (headers or {}).items():
-        name = str(key)
-        lowered = name.lower()
-        if lowered.startswith(_OWN_PREFIX) or lowered in _ROUTING_HEADERS:
-            continue
-        out[name] = _reencodable(value)
-    out.update(rejection.headers())
-    return out
 
 
 @dataclass(frozen=True, slots=True)

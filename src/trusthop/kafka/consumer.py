@@ -1,23 +1,9 @@
-"""Kafka transport: aiokafka 0.14 producer and consumer wrappers (imperative shell).
+"""Kafka consumer wrapper: verify every record, dead-letter rejects, commit after handling.
 
-Both wrappers hold an aiokafka client (composition, never a subclass) and
-keep its conventions: keyword arguments go to the aiokafka constructor,
-``start()``/``stop()`` or ``async with``, ``send``/``send_and_wait`` on the
-producer, ``getmany`` and explicit commits underneath the consumer. Every
-trust rule lives in the core (:class:`~trusthop.pipeline.ChainSigner`,
-:class:`~trusthop.pipeline.ChainVerifier`, the Kafka binding); this module only
-moves bytes, commits offsets and writes dead letters.
-
-Producer side (:class:`TrustedKafkaProducer`): seal the event for
-``kafka:<topic>``, encode it (binary or structured mode), check the record
-against a byte budget that counts headers, key and value, then send. A
-problem raises :class:`~trusthop.errors.TrustError` before anything is sent,
-with the reason code a consumer would give.
-
-Consumer side (:class:`TrustedKafkaConsumer`): auto-commit is always off.
-Every record is decoded and verified against ``kafka:<record.topic>`` before
-user code sees it. A record that fails (any :class:`TrustError`) is written to
-the dead-letter topic with its original key, value and headers plus the
+:class:`TrustedKafkaConsumer`: auto-commit is always off. Every record is
+decoded and verified against ``kafka:<record.topic>`` before user code sees
+it. A record that fails (any :class:`~trusthop.errors.TrustError`) is written
+to the dead-letter topic with its original key, value and headers plus the
 ``trusthop-*`` headers of :class:`~trusthop.pipeline.Rejection`, awaited, and
 only then committed. A verified record becomes a :class:`KafkaDelivery`,
 consumed either with ``async for`` or by :meth:`TrustedKafkaConsumer.run`.
@@ -31,45 +17,21 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, ConsumerStoppedError, IllegalStateError
-from cloudevents.core.v1.event import CloudEvent
 
-from trusthop.bindings.kafka import decode_kafka, encode_kafka
-from trusthop.chain import OriginRing, decode_chain
 from trusthop.destination import kafka_destination
 from trusthop.errors import Reason, TrustError
-from trusthop.event import WireEvent, wire_value
-from trusthop.pipeline import ChainSigner, ChainVerifier, DeliveryViews, Rejection, TrustedEvent
-from trusthop.verify import Limits, VerifiedContext
-
-__all__ = [
-    "DEFAULT_MAX_MESSAGE_BYTES",
-    "ConsumerStats",
-    "Handler",
-    "KafkaDelivery",
-    "KafkaRecord",
-    "TrustedKafkaConsumer",
-    "TrustedKafkaProducer",
-    "dead_letter_headers",
-    "default_dead_letter_topic",
-    "record_size",
-    "verify_record",
-]
+from trusthop.kafka.records import dead_letter_headers, default_dead_letter_topic, verify_record
+from trusthop.pipeline import ChainVerifier, DeliveryViews, Rejection, TrustedEvent
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
-"""Kafka's default ``max.message.bytes`` (1 MiB), the default record budget."""
-
-PARTITION_KEY_ATTRIBUTE = "partitionkey"
-"""CloudEvents Partitioning extension: used as the Kafka key when none is given."""
 
 # Connection settings the dead-letter producer copies from the consumer's kwargs.
 _CONNECTION_KWARGS = (
@@ -91,295 +53,6 @@ _CONNECTION_KWARGS = (
 )
 
 _MAX_RETRY_DELAY = 5.0
-
-
-# --------------------------------------------------------------------------- #
-# pure helpers
-# --------------------------------------------------------------------------- #
-
-
-class KafkaRecord(NamedTuple):
-    """An outgoing record, exactly as it will be handed to aiokafka."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]]
-
-
-def record_size(
-    key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes | None]]
-) -> int:
-    """Bytes a record carries: key + value + every header name (UTF-8) and value.
-
-    This is the measure of the producer's budget. It ignores Kafka's framing
-    (varints, batch header: a few dozen bytes), so keep the budget a little
-    under the broker's ``max.message.bytes``.
-    """
-    size = len(key or b"") + len(value or b"")
-    for name, header_value in headers:
-        size += len(name.encode("utf-8")) + len(header_value or b"")
-    return size
-
-
-def default_dead_letter_topic(topic: str) -> str:
-    """``<topic>.dlq``, the default dead-letter topic of ``topic``."""
-    return f"{topic}.dlq"
-
-
-def dead_letter_headers(
-    original: Sequence[tuple[str, bytes | None]] | None, rejection: Rejection
-) -> list[tuple[str, bytes | None]]:
-    """The original headers, unchanged and in order, then the rejection's headers.
-
-    Original headers are kept byte for byte (``None`` values and repeated keys
-    included). The ``trusthop-*`` headers come last, so a reader that keeps the
-    last value of a repeated key (``dict(headers)``) reads the consumer's
-    verdict even if the original record already carried such a header.
-    """
-    headers: list[tuple[str, bytes | None]] = list(original or ())
-    headers.extend((name, value.encode("utf-8")) for name, value in rejection.headers().items())
-    return headers
-
-
-def verify_record(
-    verifier: ChainVerifier,
-    *,
-    topic: str,
-    headers: Sequence[tuple[str, bytes | None]] | None,
-    value: bytes | None,
-) -> TrustedEvent:
-    """Decode a consumed record and verify it as read from ``topic``.
-
-    Pure (no I/O): :func:`~trusthop.bindings.kafka.decode_kafka` then
-    :meth:`ChainVerifier.verify` against ``kafka:<topic>``.
-
-    Raises:
-        TrustError: whatever the record holds; any other exception is a bug.
-    """
-    wire = decode_kafka(headers, value)
-    return verifier.verify(wire, kafka_destination(topic))
-
-
-# --------------------------------------------------------------------------- #
-# producer
-# --------------------------------------------------------------------------- #
-
-
-class TrustedKafkaProducer:
-    """Seal, encode and publish CloudEvents to Kafka with a trust chain.
-
-    Args:
-        signer: the workload's :class:`ChainSigner`.
-        structured: structured content mode (``application/cloudevents+json``)
-            instead of binary mode (``ce_*`` headers).
-        max_message_bytes: budget for headers + key + value (see
-            :func:`record_size`); aiokafka's own check only guards its
-            ``max_request_size``, not what the broker will accept.
-        limits: the chain bounds consumers enforce; a chain the producer
-            would seal beyond them is refused at send time.
-        producer: an existing ``AIOKafkaProducer`` to use instead of building
-            one. It stays the caller's: :meth:`start` and :meth:`stop` leave
-            it alone.
-        **producer_kwargs: forwarded to ``AIOKafkaProducer`` (e.g.
-            ``bootstrap_servers``, ``acks``, ``client_id``).
-
-    Raises:
-        TypeError: ``producer=`` together with aiokafka kwargs, or a
-            ``key_serializer``/``value_serializer`` (records are bytes already).
-        ValueError: a non-positive ``max_message_bytes``.
-    """
-
-    def __init__(
-        self,
-        *,
-        signer: ChainSigner,
-        structured: bool = False,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        limits: Limits | None = None,
-        producer: Any = None,
-        **producer_kwargs: Any,
-    ) -> None:
-        for name in ("key_serializer", "value_serializer"):
-            if name in producer_kwargs:
-                raise TypeError(f"{name} is not supported: trusthop sends encoded bytes")
-        if max_message_bytes <= 0:
-            raise ValueError("max_message_bytes must be positive")
-        if producer is not None and producer_kwargs:
-            raise TypeError("give either producer= or aiokafka keyword arguments, not both")
-        self.signer = signer
-        self.structured = structured
-        self.max_message_bytes = max_message_bytes
-        self.limits = limits if limits is not None else Limits()
-        self._owned = producer is None
-        self._producer: Any = AIOKafkaProducer(**producer_kwargs) if producer is None else producer
-
-    @property
-    def client(self) -> Any:
-        """The wrapped ``AIOKafkaProducer`` (for what this wrapper does not cover)."""
-        return self._producer
-
-    async def start(self) -> None:
-        """Start the owned aiokafka producer (connects, fetches metadata)."""
-        if self._owned:
-            await self._producer.start()
-
-    async def stop(self) -> None:
-        """Flush and stop the owned aiokafka producer."""
-        if self._owned:
-            await self._producer.stop()
-
-    async def flush(self) -> None:
-        """Wait until every record sent so far is acknowledged (aiokafka ``flush``)."""
-        await self._producer.flush()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    def seal(
-        self,
-        topic: str,
-        event: CloudEvent,
-        *,
-        origin: OriginRing | None = None,
-        parent: VerifiedContext | None = None,
-        scope: Iterable[str] | None = None,
-        peer: str | None = None,
-        key: bytes | str | None = None,
-    ) -> KafkaRecord:
-        """The record :meth:`send` would publish (no I/O).
-
-        The hop ring names ``kafka:<topic>``. ``key`` defaults to the event's
-        ``partitionkey`` extension when it has one.
-
-        Raises:
-            TrustError: ``scope_escalation``, ``expired``,
-                ``unauthorized_actor`` (refused by the signer),
-                ``too_large``/``depth_exceeded`` (the chain is beyond
-                ``limits``), ``too_large`` (the record is over
-                ``max_message_bytes``), ``malformed`` (the event cannot be
-                encoded).
-            ValueError: neither or both of ``origin`` and ``parent``.
-        """
-        wire = self.signer.seal(
-            event,
-            destination=kafka_destination(topic),
-            origin=origin,
-            parent=parent,
-            scope=scope,
-            peer=peer,
-        )
-        if wire.chain is not None:
-            # The consumer's bounds, checked by the core's own decoder.
-            decode_chain(
-                wire.chain, max_bytes=self.limits.max_bytes, max_rings=self.limits.max_rings
-            )
-        headers, value = encode_kafka(wire, structured=self.structured)
-        key_bytes = _key_bytes(key, wire)
-        # Kafka has no "CloudEvent without data": an empty value decodes to no data.
-        body = value if value is not None else b""
-        size = record_size(key_bytes, body, headers)
-        if size > self.max_message_bytes:
-            raise TrustError(
-                Reason.TOO_LARGE,
-                f"record for {topic!r} is {size} bytes (headers, key and value), "
-                f"the budget is {self.max_message_bytes}",
-            )
-        return KafkaRecord(topic, key_bytes, body, headers)
-
-    async def send(
-        self,
-        topic: str,
-        event: CloudEvent,
-        *,
-        origin: OriginRing | None = None,
-        parent: VerifiedContext | None = None,
-        scope: Iterable[str] | None = None,
-        peer: str | None = None,
-        key: bytes | str | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-    ) -> asyncio.Future[Any]:
-        """Seal and enqueue ``event``; returns aiokafka's future of ``RecordMetadata``.
-
-        Exactly one of ``origin`` (first event of a request, at the edge) or
-        ``parent`` (the verified context of the delivery this event derives
-        from) is given; ``scope`` narrows the scope (default: unchanged).
-
-        Raises:
-            TrustError: see :meth:`seal`; raised before anything is enqueued.
-            ValueError: neither or both of ``origin`` and ``parent``.
-            aiokafka.errors.KafkaError: from aiokafka (e.g. a timeout).
-        """
-        record = self.seal(
-            topic, event, origin=origin, parent=parent, scope=scope, peer=peer, key=key
-        )
-        future: asyncio.Future[Any] = await self._producer.send(
-            record.topic,
-            value=record.value,
-            key=record.key,
-            partition=partition,
-            timestamp_ms=timestamp_ms,
-            headers=record.headers,
-        )
-        return future
-
-    async def send_and_wait(
-        self,
-        topic: str,
-        event: CloudEvent,
-        *,
-        origin: OriginRing | None = None,
-        parent: VerifiedContext | None = None,
-        scope: Iterable[str] | None = None,
-        peer: str | None = None,
-        key: bytes | str | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-    ) -> Any:
-        """:meth:`send`, then wait for the broker: returns aiokafka's ``RecordMetadata``.
-
-        Raises:
-            TrustError, ValueError: as :meth:`send`.
-            aiokafka.errors.KafkaError: the broker did not accept the record.
-        """
-        future = await self.send(
-            topic,
-            event,
-            origin=origin,
-            parent=parent,
-            scope=scope,
-            peer=peer,
-            key=key,
-            partition=partition,
-            timestamp_ms=timestamp_ms,
-        )
-        return await future
-
-
-def _key_bytes(key: bytes | str | None, wire: WireEvent) -> bytes | None:
-    if key is None:
-        partition_key = wire.attributes.get(PARTITION_KEY_ATTRIBUTE)
-        if partition_key is None:
-            return None
-        return wire_value(partition_key).encode("utf-8")
-    if isinstance(key, str):
-        return key.encode("utf-8")
-    return bytes(key)
-
-
-# --------------------------------------------------------------------------- #
-# consumer
-# --------------------------------------------------------------------------- #
 
 
 @dataclass(frozen=True, slots=True)
