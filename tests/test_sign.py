@@ -42,8 +42,13 @@ DIGEST = hashlib.sha256(b"event").digest()
 
 
 def origin(**overrides: Any) -> Any:
-    args: dict[str, Any] = {"subject": "user:alice", "issuer": "https://idp.example.com",
-                            "credential": "token", "scope": S0, "now": T0}
+    args: dict[str, Any] = {
+        "subject": "user:alice",
+        "issuer": "https://idp.example.com",
+        "credential": "token",
+        "scope": S0,
+        "now": T0,
+    }
     args.update(overrides)
     return mint_origin(EDGE, **args)
 
@@ -68,18 +73,27 @@ def test_mint_origin_defaults() -> None:
 
 
 def test_the_credential_is_only_hashed() -> None:
-    assert hash_credential("t\u00e9") == hash_credential("t\u00e9".encode()) \
+    assert (
+        hash_credential("t\u00e9")
+        == hash_credential("t\u00e9".encode())
         == hashlib.sha256("t\u00e9".encode()).digest()
+    )
     ring = origin(credential="secret-bearer-token")
     assert b"secret-bearer-token" not in Chain(ring).encode().encode()
     assert "secret-bearer-token" not in repr(ring)
 
 
-@pytest.mark.parametrize(("overrides", "error"), [
-    ({"subject": ""}, ValueError), ({"issuer": ""}, ValueError),
-    ({"scope": "orders:read"}, TypeError), ({"scope": ["a", ""]}, ValueError),
-    ({"scope": [f"s{i}" for i in range(65)]}, ValueError), ({"scope": [1]}, ValueError),
-])
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"subject": ""}, ValueError),
+        ({"issuer": ""}, ValueError),
+        ({"scope": "orders:read"}, TypeError),
+        ({"scope": ["a", ""]}, ValueError),
+        ({"scope": [f"s{i}" for i in range(65)]}, ValueError),
+        ({"scope": [1]}, ValueError),
+    ],
+)
 def test_mint_origin_refuses(overrides: dict[str, Any], error: type[Exception]) -> None:
     with pytest.raises(error):
         origin(**overrides)
@@ -99,8 +113,9 @@ def test_identity_validates_its_actor() -> None:
 
 def test_append_hop_defaults_inherit_and_cap(story: Story) -> None:
     prev = story.chain.hops[-1]
-    chain = append_hop(PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x",
-                       now=T0 + 25)
+    chain = append_hop(
+        PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x", now=T0 + 25
+    )
     hop = chain.hops[-1]
     assert hop.scope == prev.scope == S2
     assert hop.iat == T0 + 25
@@ -112,25 +127,35 @@ def test_append_hop_defaults_inherit_and_cap(story: Story) -> None:
 
 
 def test_append_hop_with_a_short_ttl_and_narrower_scope(story: Story) -> None:
-    chain = append_hop(PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x",
-                       now=T0 + 25, ttl=5, scope=[])
+    chain = append_hop(
+        PAYMENTS,
+        story.chain,
+        event_digest=DIGEST,
+        destination="kafka:x",
+        now=T0 + 25,
+        ttl=5,
+        scope=[],
+    )
     assert (chain.hops[-1].iat, chain.hops[-1].exp) == (T0 + 25, T0 + 30)
     assert chain.hops[-1].scope == frozenset()
     assert verify(chain.encode(), digest=DIGEST, destination="kafka:x").scope == frozenset()
 
 
 def test_clock_behind_the_parent_starts_at_the_parent(story: Story) -> None:
-    chain = append_hop(PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x",
-                       now=T0 - 1000)
+    chain = append_hop(
+        PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x", now=T0 - 1000
+    )
     assert chain.hops[-1].iat == story.chain.hops[-1].iat
 
 
-@pytest.mark.parametrize(("now", "ok"), [(T0 + 920, True), (T0 + 920.9, True),
-                                         (T0 + 921, False), (T0 + 10**6, False)])
+@pytest.mark.parametrize(
+    ("now", "ok"), [(T0 + 920, True), (T0 + 920.9, True), (T0 + 921, False), (T0 + 10**6, False)]
+)
 def test_expired_parent_boundary(story: Story, now: float, ok: bool) -> None:
     def extend() -> Chain:
-        return append_hop(PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x",
-                          now=now)
+        return append_hop(
+            PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x", now=now
+        )
 
     if ok:
         hop = extend().hops[-1]
@@ -140,34 +165,62 @@ def test_expired_parent_boundary(story: Story, now: float, ok: bool) -> None:
 
 
 def test_negative_ttl_is_refused(story: Story) -> None:
-    rejected(lambda: append_hop(PAYMENTS, story.chain, event_digest=DIGEST,
-                                destination="kafka:x", now=T0 + 25, ttl=-1), R.EXPIRED)
+    rejected(
+        lambda: append_hop(
+            PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x", now=T0 + 25, ttl=-1
+        ),
+        R.EXPIRED,
+    )
 
 
 @pytest.mark.parametrize("scope", [S1, S0, S2 | {"admin"}, {"orders:read"}])
 def test_wider_scope_is_refused_with_the_consumer_reason(story: Story, scope: Any) -> None:
-    producer = rejected(lambda: append_hop(PAYMENTS, story.chain, event_digest=DIGEST,
-                                           destination="kafka:x", now=T0 + 25, scope=scope),
-                        R.SCOPE_ESCALATION, 3)
+    producer = rejected(
+        lambda: append_hop(
+            PAYMENTS,
+            story.chain,
+            event_digest=DIGEST,
+            destination="kafka:x",
+            now=T0 + 25,
+            scope=scope,
+        ),
+        R.SCOPE_ESCALATION,
+        3,
+    )
     # Build the same ring the producer refused, sign it anyway, and ask a consumer.
-    hop = append_hop(PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x",
-                     now=T0 + 25).hops[-1]
+    hop = append_hop(
+        PAYMENTS, story.chain, event_digest=DIGEST, destination="kafka:x", now=T0 + 25
+    ).hops[-1]
     wide = dataclasses.replace(hop, scope=frozenset(scope))
     wide = dataclasses.replace(wide, signature=PAYMENTS.key.sign(wide.signing_input()))
-    consumer = rejected(lambda: verify(story.chain.appended(wide).encode(), digest=DIGEST,
-                                       destination="kafka:x"), R.SCOPE_ESCALATION, 3)
+    consumer = rejected(
+        lambda: verify(story.chain.appended(wide).encode(), digest=DIGEST, destination="kafka:x"),
+        R.SCOPE_ESCALATION,
+        3,
+    )
     assert (producer.reason, producer.ring) == (consumer.reason, consumer.ring)
 
 
 def test_foreign_identity_is_refused_with_the_consumer_reason(story: Story) -> None:
-    rejected(lambda: append_hop(FOREIGN, story.chain, event_digest=DIGEST,
-                                destination="kafka:x", now=T0 + 25), R.UNAUTHORIZED_ACTOR)
+    rejected(
+        lambda: append_hop(
+            FOREIGN, story.chain, event_digest=DIGEST, destination="kafka:x", now=T0 + 25
+        ),
+        R.UNAUTHORIZED_ACTOR,
+    )
 
 
 def test_append_hop_output_verifies_and_is_deterministic(story: Story) -> None:
     def extend() -> Chain:
-        return append_hop(ORDERS, story.chain, event_digest=DIGEST, destination="kafka:x",
-                          now=T0 + 25, consumed_event_id="txn-1-e2", peer=PAYMENTS.actor)
+        return append_hop(
+            ORDERS,
+            story.chain,
+            event_digest=DIGEST,
+            destination="kafka:x",
+            now=T0 + 25,
+            consumed_event_id="txn-1-e2",
+            peer=PAYMENTS.actor,
+        )
 
     a, b = extend(), extend()
     assert a.encode() == b.encode()
@@ -179,15 +232,40 @@ def test_append_hop_output_verifies_and_is_deterministic(story: Story) -> None:
 
 def test_signing_with_an_unbundled_key_under_a_bundled_kid_is_caught(story: Story) -> None:
     impostor = Identity(ORDERS.actor, SigningKey.from_seed(b"\x77" * 32), ORDERS.kid)
-    chain = append_hop(impostor, story.chain, event_digest=DIGEST, destination=DEST2,
-                       now=T0 + 25)
+    chain = append_hop(impostor, story.chain, event_digest=DIGEST, destination=DEST2, now=T0 + 25)
     rejected(lambda: verify(chain.encode(), digest=DIGEST), R.BAD_SIGNATURE, 3)
 
 
 def test_origin_only_chain_can_be_extended(story: Story) -> None:
-    chain = append_hop(EDGE, Chain(story.origin), event_digest=DIGEST, destination="kafka:x",
-                       now=T0 + 1)
+    chain = append_hop(
+        EDGE, Chain(story.origin), event_digest=DIGEST, destination="kafka:x", now=T0 + 1
+    )
     assert chain.hops[0].scope == S0
     assert chain.hops[0].exp == story.origin.exp
-    assert verify(chain.encode(), digest=DIGEST, destination="kafka:x",
-                  bundle=make_bundle()).scope == S0
+    assert (
+        verify(chain.encode(), digest=DIGEST, destination="kafka:x", bundle=make_bundle()).scope
+        == S0
+    )
+
+
+def test_signers_refuse_rings_every_verifier_would_refuse() -> None:
+    import time
+
+    import pytest
+
+    from trusthop import Chain, Identity, Reason, SigningKey, TrustError, append_hop, mint_origin
+
+    edge = Identity.create("spiffe://prod.example.com/edge", SigningKey.from_seed(b"e" * 32))
+    now = time.time()
+    with pytest.raises(TrustError) as long_subject:
+        mint_origin(edge, subject="u" * 2000, issuer="i", credential="t", scope=["s"], now=now)
+    assert long_subject.value.reason is Reason.MALFORMED
+    with pytest.raises(TrustError) as long_scope:
+        mint_origin(edge, subject="u", issuer="i", credential="t", scope=["s" * 300], now=now)
+    assert long_scope.value.reason is Reason.MALFORMED
+    with pytest.raises(ValueError, match="ttl"):
+        mint_origin(edge, subject="u", issuer="i", credential="t", scope=["s"], now=now, ttl=-1)
+    origin = mint_origin(edge, subject="u", issuer="i", credential="t", scope=["s"], now=now)
+    with pytest.raises(TrustError) as empty_destination:
+        append_hop(edge, Chain(origin), event_digest=b"\0" * 32, destination="", now=now)
+    assert empty_destination.value.reason is Reason.MALFORMED

@@ -10,7 +10,7 @@ numbers below are part of it.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from trusthop.canonical import EncodingError, b64url_decode, b64url_encode, pack, unpack_canonical
@@ -287,6 +287,22 @@ def _hop(m: Any, index: int) -> HopRing:
         peer=peer,
         signature=_signature(m, index),
     )
+
+
+def check_ring_fields(ring: Ring, index: int) -> None:
+    """Apply the decoder's field rules to a ring about to be signed.
+
+    Signers call this so they never produce a ring every verifier would
+    refuse (over-long strings, too many scope entries, bad SPIFFE IDs).
+
+    Raises:
+        TrustError(malformed): naming the field.
+    """
+    fields = ring_map(replace(ring, signature=b"\0" * 64))
+    if isinstance(ring, OriginRing):
+        _origin(fields)
+    else:
+        _hop(fields, index)
 
 
 def _array_length(data: bytes) -> int:

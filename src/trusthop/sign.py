@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from trusthop.bundle import BundleKey
-from trusthop.chain import MAX_SCOPE_ENTRIES, Chain, HopRing, OriginRing
+from trusthop.chain import MAX_SCOPE_ENTRIES, Chain, HopRing, OriginRing, check_ring_fields
 from trusthop.errors import Reason, TrustError
 from trusthop.keys import SigningKey
 from trusthop.spiffe import SpiffeId, trust_domain_of, validate_spiffe_id
@@ -82,6 +82,8 @@ def mint_origin(
     """
     if not subject or not issuer:
         raise ValueError("subject and issuer must be non-empty")
+    if ttl < 0:
+        raise ValueError("ttl must not be negative")
     iat = int(now)
     ring = OriginRing(
         actor=identity.actor,
@@ -97,6 +99,7 @@ def mint_origin(
         acr=acr,
         amr=tuple(amr) if amr is not None else None,
     )
+    check_ring_fields(ring, 0)
     return replace(ring, signature=identity.key.sign(ring.signing_input()))
 
 
@@ -145,5 +148,6 @@ def append_hop(
         consumed_event_id=consumed_event_id,
         peer=peer,
     )
+    check_ring_fields(hop, len(chain.hops) + 1)
     check_narrowing(prev, hop, len(chain.hops) + 1)
     return chain.appended(replace(hop, signature=identity.key.sign(hop.signing_input())))
