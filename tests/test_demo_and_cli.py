@@ -26,7 +26,7 @@ def test_memory_demo_delivers_the_orders_and_rejects_every_attack() -> None:
         assert delivery.scope == ["audit:write"]
     # every message that entered a consumer came out handled or dead-lettered
     consumed = len(report.delivered) + len(report.rejected)
-    assert consumed == 3 + 4 + 4
+    assert consumed == 3 + 4 + 5
 
 
 def test_demo_json_output(capsys: pytest.CaptureFixture[str]) -> None:
@@ -201,3 +201,41 @@ def test_cli_keygen_rejects_a_malformed_spiffe_id(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["keygen", "--actor", "spiffe://Prod.example.com/x", "--out", str(tmp_path)])
     assert exc.value.code == 2
+
+
+def test_cli_unreadable_inputs_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = _keys(tmp_path)
+    (tmp_path / "junk.json").write_text("garbage")
+    (tmp_path / "ev.json").write_text(EVENT)
+    assert main(["inspect", str(tmp_path / "junk.json")]) == EXIT_USAGE
+    assert "not a structured-mode CloudEvent" in capsys.readouterr().err
+    emit = [
+        "emit",
+        "--key",
+        str(keys / "gateway.key.pem"),
+        "--actor",
+        GW,
+        "--dest",
+        "kafka:o",
+        "--subject",
+        "user:a",
+    ]
+    assert main([*emit, str(tmp_path / "junk.json")]) == EXIT_USAGE
+    assert main(["keygen", "--actor", GW, "--out", str(tmp_path / "ev.json")]) == EXIT_USAGE
+    with pytest.raises(SystemExit) as negative_ttl:
+        main([*emit, "--ttl", "-5", str(tmp_path / "ev.json")])
+    assert negative_ttl.value.code == 2
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    encrypted = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    (tmp_path / "enc.pem").write_bytes(encrypted)
+    emit[2] = str(tmp_path / "enc.pem")
+    assert main([*emit, str(tmp_path / "ev.json")]) == EXIT_USAGE
+    assert "cannot load key" in capsys.readouterr().err

@@ -80,7 +80,7 @@ from trusthop.destination import amqp_destination, kafka_destination
 from trusthop.errors import Reason, TrustError
 from trusthop.keys import PublicKey
 from trusthop.sign import append_hop, mint_origin
-from trusthop.verify import Limits, verify_chain, verify_decoded
+from trusthop.verify import Limits, VerifiedContext, verify_chain, verify_decoded
 
 R = Reason
 ED25519_L = 2**252 + 27742317777372353535851937790883648493
@@ -294,16 +294,16 @@ MUTATIONS: list[tuple[int, str, Any, tuple[Reason, int], tuple[Reason, int]]] = 
     (0, "actor", ORDERS_ID, (R.UNAUTHORIZED_ACTOR, 0), (R.UNAUTHORIZED_ACTOR, 0)),
     (0, "kid", "no-such-kid", (R.UNKNOWN_KEY, 0), (R.UNKNOWN_KEY, 0)),
     (0, "kid", "orders-1", (R.UNAUTHORIZED_ACTOR, 0), (R.UNAUTHORIZED_ACTOR, 0)),
-    (0, "iat", T0 + 1, (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
-    (0, "iat", T0 + 3601, (R.WINDOW_ESCALATION, 0), (R.WINDOW_ESCALATION, 0)),
-    (0, "exp", T0 + 3599, (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
-    (0, "exp", T0 + 99999, (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
-    (0, "scope", S0 - {"orders:read"}, (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
-    (0, "scope", S0 | {"admin"}, (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
-    (0, "subject", "user:mallory", (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
-    (0, "issuer", "https://evil.example", (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
-    (0, "credential_hash", OTHER_HASH, (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
-    (0, "transaction_id", "txn-9", (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
+    (0, "iat", T0 + 1, (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    (0, "iat", T0 + 3601, (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    (0, "exp", T0 + 3599, (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    (0, "exp", T0 + 99999, (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    (0, "scope", S0 - {"orders:read"}, (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    (0, "scope", S0 | {"admin"}, (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    (0, "subject", "user:mallory", (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    (0, "issuer", "https://evil.example", (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    (0, "credential_hash", OTHER_HASH, (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    (0, "transaction_id", "txn-9", (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
     (
         0,
         "trust_domain",
@@ -311,28 +311,28 @@ MUTATIONS: list[tuple[int, str, Any, tuple[Reason, int], tuple[Reason, int]]] = 
         (R.UNAUTHORIZED_ACTOR, 0),
         (R.UNAUTHORIZED_ACTOR, 0),
     ),
-    (0, "acr", "none", (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
-    (0, "acr", None, (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
-    (0, "amr", ("pwd",), (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
-    (0, "amr", None, (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
-    (0, "signature", "flip", (R.BROKEN_LINK, 1), (R.BAD_SIGNATURE, 0)),
+    (0, "acr", "none", (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    (0, "acr", None, (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    (0, "amr", ("pwd",), (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    (0, "amr", None, (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    (0, "signature", "flip", (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
     (1, "actor", ORDERS_ID, (R.UNAUTHORIZED_ACTOR, 1), (R.UNAUTHORIZED_ACTOR, 1)),
     (1, "kid", "no-such-kid", (R.UNKNOWN_KEY, 1), (R.UNKNOWN_KEY, 1)),
     (1, "kid", "orders-1", (R.UNAUTHORIZED_ACTOR, 1), (R.UNAUTHORIZED_ACTOR, 1)),
-    (1, "iat", T0 + 11, (R.BROKEN_LINK, 2), (R.BAD_SIGNATURE, 1)),
-    (1, "iat", T0 - 1, (R.WINDOW_ESCALATION, 1), (R.WINDOW_ESCALATION, 1)),
-    (1, "iat", T0 + 1811, (R.WINDOW_ESCALATION, 1), (R.WINDOW_ESCALATION, 1)),
-    (1, "exp", T0 + 1809, (R.BROKEN_LINK, 2), (R.BAD_SIGNATURE, 1)),
-    (1, "exp", T0 + 3601, (R.WINDOW_ESCALATION, 1), (R.WINDOW_ESCALATION, 1)),
-    (1, "scope", S2, (R.BROKEN_LINK, 2), (R.BAD_SIGNATURE, 1)),
-    (1, "scope", S1 | {"orders:read"}, (R.BROKEN_LINK, 2), (R.BAD_SIGNATURE, 1)),
-    (1, "scope", S1 | {"admin"}, (R.SCOPE_ESCALATION, 1), (R.SCOPE_ESCALATION, 1)),
-    (1, "prev_hash", OTHER_HASH, (R.BROKEN_LINK, 1), (R.BROKEN_LINK, 1)),
-    (1, "event_digest", OTHER_HASH, (R.BROKEN_LINK, 2), (R.BAD_SIGNATURE, 1)),
-    (1, "destination", "kafka:other", (R.BROKEN_LINK, 2), (R.BAD_SIGNATURE, 1)),
-    (1, "consumed_event_id", "evt-0", (R.BROKEN_LINK, 2), (R.BAD_SIGNATURE, 1)),
-    (1, "peer", BROKER_PEER, (R.BROKEN_LINK, 2), (R.BAD_SIGNATURE, 1)),
-    (1, "signature", "flip", (R.BROKEN_LINK, 2), (R.BAD_SIGNATURE, 1)),
+    (1, "iat", T0 + 11, (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "iat", T0 - 1, (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "iat", T0 + 1811, (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "exp", T0 + 1809, (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "exp", T0 + 3601, (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "scope", S2, (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "scope", S1 | {"orders:read"}, (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "scope", S1 | {"admin"}, (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "prev_hash", OTHER_HASH, (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "event_digest", OTHER_HASH, (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "destination", "kafka:other", (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "consumed_event_id", "evt-0", (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "peer", BROKER_PEER, (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "signature", "flip", (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
 ]
 # The newest ring has nothing after it to relink: (ring, field, value, reason,
 # delivered digest override, delivered destination override).
@@ -342,16 +342,16 @@ NEWEST: list[tuple[str, Any, tuple[Reason, int], bytes | None, str | None]] = [
     ("kid", "payments-1", (R.UNAUTHORIZED_ACTOR, 2), None, None),
     ("kid", "orders-2", (R.BAD_SIGNATURE, 2), None, None),
     ("iat", T0 + 21, (R.BAD_SIGNATURE, 2), None, None),
-    ("iat", T0 + 9, (R.WINDOW_ESCALATION, 2), None, None),
+    ("iat", T0 + 9, (R.BAD_SIGNATURE, 2), None, None),
     ("exp", T0 + 919, (R.BAD_SIGNATURE, 2), None, None),
-    ("exp", T0 + 1811, (R.WINDOW_ESCALATION, 2), None, None),
+    ("exp", T0 + 1811, (R.BAD_SIGNATURE, 2), None, None),
     ("scope", frozenset(), (R.BAD_SIGNATURE, 2), None, None),
     ("scope", S1, (R.BAD_SIGNATURE, 2), None, None),
-    ("scope", S2 | {"admin"}, (R.SCOPE_ESCALATION, 2), None, None),
-    ("prev_hash", OTHER_HASH, (R.BROKEN_LINK, 2), None, None),
-    ("event_digest", OTHER_HASH, (R.EVENT_MISMATCH, 2), None, None),
+    ("scope", S2 | {"admin"}, (R.BAD_SIGNATURE, 2), None, None),
+    ("prev_hash", OTHER_HASH, (R.BAD_SIGNATURE, 2), None, None),
+    ("event_digest", OTHER_HASH, (R.BAD_SIGNATURE, 2), None, None),
     ("event_digest", OTHER_HASH, (R.BAD_SIGNATURE, 2), OTHER_HASH, None),
-    ("destination", "kafka:audit", (R.WRONG_DESTINATION, 2), None, None),
+    ("destination", "kafka:audit", (R.BAD_SIGNATURE, 2), None, None),
     ("destination", "kafka:audit", (R.BAD_SIGNATURE, 2), None, "kafka:audit"),
     ("consumed_event_id", "evt-x", (R.BAD_SIGNATURE, 2), None, None),
     ("consumed_event_id", None, (R.BAD_SIGNATURE, 2), None, None),
@@ -838,14 +838,10 @@ def count_signatures(monkeypatch: pytest.MonkeyPatch) -> type[CountingKey]:
     return CountingKey
 
 
-def test_every_cheap_rejection_happens_before_any_signature(
+def test_key_checks_come_before_signatures_and_content_checks_after(
     story: Story, count_signatures: type[CountingKey]
 ) -> None:
-    cases = [
-        (lambda: verify(story.encoded, digest=OTHER_HASH), R.EVENT_MISMATCH),
-        (lambda: verify(story.encoded, story=story, destination=DEST1), R.WRONG_DESTINATION),
-        (lambda: verify(story.encoded, story=story, now=T0 + 5000), R.EXPIRED),
-        (lambda: verify(story.encoded, story=story, now=T0 - 5000), R.NOT_YET_VALID),
+    before = [
         (
             lambda: verify(story.encoded, story=story, bundle=make_bundle(drop=["orders-1"])),
             R.UNKNOWN_KEY,
@@ -854,16 +850,24 @@ def test_every_cheap_rejection_happens_before_any_signature(
             lambda: verify(story.encoded, story=story, bundle=make_bundle(revoked_kids=["edge-1"])),
             R.REVOKED,
         ),
+    ]
+    for fn, reason in before:
+        rejected(fn, reason)
+    assert count_signatures.calls == 0
+    after = [
+        (lambda: verify(story.encoded, digest=OTHER_HASH), R.EVENT_MISMATCH),
+        (lambda: verify(story.encoded, story=story, destination=DEST1), R.WRONG_DESTINATION),
+        (lambda: verify(story.encoded, story=story, now=T0 + 5000), R.EXPIRED),
+        (lambda: verify(story.encoded, story=story, now=T0 - 5000), R.NOT_YET_VALID),
         (
             lambda: verify(_forge_newest(story, scope=S1 | {"admin"}), story=story),
             R.SCOPE_ESCALATION,
         ),
     ]
-    for fn, reason in cases:
+    for fn, reason in after:
+        count_signatures.calls = 0
         rejected(fn, reason)
-    assert count_signatures.calls == 0
-    verify(story.encoded, story=story)
-    assert count_signatures.calls == 3  # one per ring, only on the success path
+        assert count_signatures.calls == 3  # every signature held before the content rule
 
 
 # -- time --------------------------------------------------------------------
@@ -899,11 +903,24 @@ def test_time_window_edges(story: Story, now: float, leeway: int, reason: Reason
 # -- order of checks (the module docstring is the contract) -------------------
 
 
-def test_oldest_ring_is_blamed_first(story: Story) -> None:
+def test_key_checks_of_every_ring_come_before_any_signature(story: Story) -> None:
     rings = story.rings
-    rings[1] = dataclasses.replace(rings[1], prev_hash=OTHER_HASH)
+    rings[1] = dataclasses.replace(rings[1], prev_hash=OTHER_HASH)  # unsigned edit
     rings[2] = dataclasses.replace(rings[2], kid="no-such-kid")
-    rejected(lambda: verify(encode_rings(rings), story=story), R.BROKEN_LINK, 1)
+    rejected(lambda: verify(encode_rings(rings), story=story), R.UNKNOWN_KEY, 2)
+
+
+def test_an_unsigned_edit_cannot_choose_its_reason(story: Story) -> None:
+    # Widening a scope, re-pointing a link or shortening a window without the
+    # actor's key is a bad signature, never a content reason blaming the actor.
+    for field, value in (("scope", S1 | {"admin"}), ("prev_hash", OTHER_HASH), ("exp", T0 + 100)):
+        rings = story.rings
+        rings[1] = dataclasses.replace(rings[1], **{field: value})
+        rejected(
+            lambda rings=rings: verify(encode_rings(relink(rings, 2)), story=story),
+            R.BAD_SIGNATURE,
+            1,
+        )
 
 
 def test_binding_before_link_within_a_ring(story: Story) -> None:
@@ -927,10 +944,10 @@ def test_structure_before_delivery_before_time(story: Story) -> None:
     )
 
 
-def test_time_before_signatures(story: Story) -> None:
+def test_signatures_before_time(story: Story) -> None:
     rings = story.rings
     rings[2] = dataclasses.replace(rings[2], signature=bytes(64))
-    rejected(lambda: verify(encode_rings(rings), story=story, now=T0 + 5000), R.EXPIRED)
+    rejected(lambda: verify(encode_rings(rings), story=story, now=T0 + 5000), R.BAD_SIGNATURE, 2)
 
 
 def test_origin_only_chain_is_malformed_before_any_key_lookup(story: Story) -> None:
@@ -1023,3 +1040,25 @@ def test_a_clock_that_is_not_a_number_fails_closed() -> None:
             assert error.reason is Reason.EXPIRED
         else:
             raise AssertionError(f"{now} accepted")
+
+
+# -- who may start a chain ---------------------------------------------------
+
+
+def test_only_listed_edge_actors_may_mint_origins(story: Story) -> None:
+    def check(**expect: Any) -> VerifiedContext:
+        return verify_chain(
+            story.encoded,
+            bundle=BUNDLE,
+            event_digest=story.digest,
+            destination=DEST2,
+            now=NOW,
+            **expect,
+        )
+
+    assert check(origin_actors=frozenset({EDGE.actor})).subject == story.chain.origin.subject
+    # A workload with a perfectly valid key that is not an edge cannot start a chain.
+    rejected(lambda: check(origin_actors=frozenset({ORDERS_ID})), R.UNAUTHORIZED_ACTOR, 0)
+    rejected(lambda: check(origin_actors=frozenset()), R.UNAUTHORIZED_ACTOR, 0)
+    assert check(trust_domain="prod.example.com").trust_domain == "prod.example.com"
+    rejected(lambda: check(trust_domain="prod.example.co"), R.UNAUTHORIZED_ACTOR, 0)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+
+import pytest
 
 from trusthop.bindings.structured import decode_structured
 from trusthop.bundle import BundleKey, TrustBundle
@@ -40,3 +43,25 @@ def test_the_example_chain_verifies_and_binds_the_documented_event() -> None:
     assert context.subject == "user:alice"
     assert context.actors == (GATEWAY, GATEWAY)
     assert event.digest().hex() == values["event_digest"]
+
+
+def test_the_cli_verifies_the_documented_example_as_of_its_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trusthop.cli import EXIT_OK, EXIT_REJECTED, main
+
+    key = SigningKey.from_seed(GATEWAY_SEED).public_key
+    bundle = TrustBundle.of([BundleKey("gw-1", GATEWAY, key)])
+    (tmp_path / "bundle.json").write_text(json.dumps(bundle.to_jwks()))
+    event = (
+        '{"specversion":"1.0","id":"order-1","source":"/gateway",'
+        '"type":"com.example.order.created","time":"2026-01-01T00:00:00Z",'
+        '"datacontenttype":"application/json","data":{"order":1},'
+        f'"trustchain":"{build()["trustchain"]}"}}'
+    )
+    (tmp_path / "event.json").write_text(event)
+    args = ["verify", "--bundle", str(tmp_path / "bundle.json"), "--dest", "kafka:orders"]
+    assert main([*args, "--now", str(IAT + 60), str(tmp_path / "event.json")]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["subject"] == "user:alice"
+    assert main([*args, str(tmp_path / "event.json")]) == EXIT_REJECTED  # it expired long ago
+    assert json.loads(capsys.readouterr().out)["reason"] == "expired"

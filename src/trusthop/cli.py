@@ -20,6 +20,7 @@ from trusthop.bindings.structured import decode_structured, encode_structured
 from trusthop.bundle import BundleError, TrustBundle
 from trusthop.chain import decode_chain
 from trusthop.errors import Reason, TrustError
+from trusthop.event import WireEvent
 from trusthop.keys import SigningKey
 from trusthop.pipeline import ChainSigner, ChainVerifier
 from trusthop.render import chain_json, chain_path, chain_text, context_json, short_name
@@ -41,6 +42,24 @@ def _read(path: str) -> bytes:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
 
 
+def _event_file(path: str) -> WireEvent:
+    """A structured-mode CloudEvent read from ``path`` (or stdin for ``-``)."""
+    try:
+        return decode_structured(_read(path))
+    except TrustError as exc:
+        raise UsageError(f"{path}: not a structured-mode CloudEvent ({exc.message})") from exc
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return number
+
+
 def _spiffe(value: str) -> str:
     try:
         return validate_spiffe_id(value)
@@ -57,7 +76,10 @@ def _bundle(path: str) -> TrustBundle:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot use {out} as the output directory: {exc.strerror}") from exc
     key = SigningKey.generate()
     identity = Identity.create(args.actor, key)
     bundle_path = out / "bundle.jwks.json"
@@ -67,10 +89,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     key_path = out / f"{short_name(args.actor)}.key.pem"
     if key_path.exists():
         key_path = out / f"{short_name(args.actor)}-{identity.kid[:8]}.key.pem"
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(key.to_pem())
     bundle = bundle.with_key(identity.bundle_key)
-    bundle_path.write_text(json.dumps(bundle.to_jwks(), indent=2) + "\n", encoding="utf-8")
+    try:
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(key.to_pem())
+        bundle_path.write_text(json.dumps(bundle.to_jwks(), indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write into {out}: {exc.strerror}") from exc
     print(
         json.dumps(
             {
@@ -87,9 +112,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_emit(args: argparse.Namespace) -> int:
     try:
         identity = Identity.create(args.actor, SigningKey.load(args.key))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: an encrypted PEM
         raise UsageError(f"cannot load key {args.key}: {exc}") from exc
-    wire = decode_structured(_read(args.event))
+    wire = _event_file(args.event)
     event = wire.to_cloudevent()
     signer = ChainSigner(identity, hop_ttl=args.ttl)
     scope = args.scope or None
@@ -106,7 +131,7 @@ def cmd_emit(args: argparse.Namespace) -> int:
         )
         sealed = signer.seal(event, destination=args.dest, origin=origin)
     else:
-        parent = decode_structured(_read(args.parent))
+        parent = _event_file(args.parent)
         if args.bundle:
             trusted = ChainVerifier(_bundle(args.bundle)).verify(
                 parent, args.parent_dest or _newest_destination(parent.chain)
@@ -133,7 +158,7 @@ def _newest_destination(encoded: str | None) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    wire = decode_structured(_read(args.file))
+    wire = _event_file(args.file)
     if wire.chain is None:
         raise TrustError(Reason.MISSING_CHAIN, "the event carries no trustchain attribute")
     chain = decode_chain(wire.chain, max_bytes=Limits().max_bytes, max_rings=Limits().max_rings)
@@ -158,7 +183,12 @@ def _lines(data: bytes) -> Iterator[bytes]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    verifier = ChainVerifier(_bundle(args.bundle))
+    now = args.now
+    verifier = ChainVerifier(
+        _bundle(args.bundle),
+        origin_actors=args.origin_actor or None,
+        clock=(lambda: now) if now is not None else time.time,
+    )
     data = _read(args.file)
     documents = list(_lines(data)) if args.jsonl else [data]
     worst = EXIT_OK
@@ -239,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bundle", help="derived: verify the parent against this bundle first")
     p.add_argument("--parent-dest", help="derived: where the parent was consumed from")
-    p.add_argument("--ttl", type=int, default=24 * 3600, help="ring lifetime in seconds")
+    p.add_argument("--ttl", type=_positive_int, default=24 * 3600, help="ring lifetime in seconds")
     p.add_argument("event", metavar="EVENT.json")
     p.set_defaults(func=cmd_emit)
 
@@ -252,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True)
     p.add_argument("--dest", required=True, help="where the event was consumed from")
     p.add_argument("--jsonl", action="store_true", help="one event per line, one verdict per line")
+    p.add_argument(
+        "--origin-actor",
+        action="append",
+        type=_spiffe,
+        metavar="ID",
+        help="an edge workload allowed to mint origin rings (repeatable; default: any)",
+    )
+    p.add_argument("--now", type=float, metavar="EPOCH", help="verify as of this time")
     p.add_argument("file", metavar="FILE|-")
     p.set_defaults(func=cmd_verify)
 

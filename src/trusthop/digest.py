@@ -34,6 +34,7 @@ CHAIN_ATTRIBUTE = "trustchain"
 UNSIGNED_ATTRIBUTES = frozenset({CHAIN_ATTRIBUTE, "traceparent", "tracestate"})
 _DOMAIN = "trusthop/v1/event"
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # not encodable as UTF-8: never valid text
 _NAME = re.compile(r"[a-z0-9]{1,20}\Z")
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})\Z",
@@ -64,7 +65,7 @@ def canonical_json(value: Any) -> bytes:
         return json.dumps(
             value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as exc:
+    except (TypeError, ValueError, RecursionError, UnicodeEncodeError) as exc:
         raise TrustError(Reason.MALFORMED, f"data is not JSON-serialisable: {exc}") from exc
 
 
@@ -142,8 +143,10 @@ def canonical_value(name: str, value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        if _CONTROL.search(value):
-            raise TrustError(Reason.MALFORMED, f"attribute {name!r} holds control characters")
+        if _CONTROL.search(value) or _SURROGATE.search(value):
+            raise TrustError(
+                Reason.MALFORMED, f"attribute {name!r} holds control characters or surrogates"
+            )
         return value
     if isinstance(value, int):
         if not -(2**31) <= value < 2**31:
@@ -156,6 +159,20 @@ def canonical_value(name: str, value: Any) -> str:
     raise TrustError(Reason.MALFORMED, f"attribute {name!r} has an unsupported type")
 
 
+_UNSIGNED_MAX = {"traceparent": 128, "tracestate": 8192}
+
+
+def _check_unsigned(name: str, value: Any) -> None:
+    """Unsigned attributes still reach handlers: same text rules, bounded size."""
+    if name == CHAIN_ATTRIBUTE:
+        return
+    text = canonical_value(name, value)
+    if len(text) > _UNSIGNED_MAX[name]:
+        raise TrustError(
+            Reason.MALFORMED, f"{name!r} is longer than {_UNSIGNED_MAX[name]} characters"
+        )
+
+
 def signed_attributes(attributes: Mapping[str, Any]) -> dict[str, str]:
     """The attributes the digest covers, in canonical string form.
 
@@ -166,7 +183,10 @@ def signed_attributes(attributes: Mapping[str, Any]) -> dict[str, str]:
     for name, value in attributes.items():
         if not is_valid_attribute_name(name):
             raise TrustError(Reason.MALFORMED, f"invalid attribute name {name[:40]!r}")
-        if name in UNSIGNED_ATTRIBUTES or value is None:
+        if value is None:
+            continue
+        if name in UNSIGNED_ATTRIBUTES:
+            _check_unsigned(name, value)
             continue
         out[name] = canonical_value(name, value)
     return out

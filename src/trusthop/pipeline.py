@@ -154,14 +154,30 @@ class ChainSigner:
 class ChainVerifier:
     """Verifies incoming events against a trust bundle.
 
-    The bundle can be replaced at any time (``verifier.bundle = new``); the
-    next message is judged by the new one.
+    Args:
+        bundle: the keys and the actors they belong to. It can be replaced at
+            any time (``verifier.bundle = new``); the next message is judged
+            by the new one.
+        origin_actors: the edge workloads allowed to mint origin rings. Give
+            it: without it any workload with a bundled key can start a chain
+            for any subject.
+        trust_domain: the only trust domain accepted (default: any bundled one).
+        limits: size, depth and clock-skew bounds.
+        clock: seconds since the epoch; injectable for tests.
     """
 
     def __init__(
-        self, bundle: TrustBundle, *, limits: Limits = Limits(), clock: Clock = time.time
+        self,
+        bundle: TrustBundle,
+        *,
+        origin_actors: Iterable[str] | None = None,
+        trust_domain: str | None = None,
+        limits: Limits = Limits(),
+        clock: Clock = time.time,
     ) -> None:
         self.bundle = bundle
+        self.origin_actors = None if origin_actors is None else frozenset(origin_actors)
+        self.trust_domain = trust_domain
         self.limits = limits
         self._clock = clock
 
@@ -179,5 +195,7 @@ class ChainVerifier:
             now=self._clock(),
             limits=self.limits,
             event_id=wire.id,
+            origin_actors=self.origin_actors,
+            trust_domain=self.trust_domain,
         )
         return TrustedEvent(wire.to_cloudevent(), context, wire)

@@ -4,20 +4,25 @@
 the delivered event, where it was consumed from and the current time, and
 either returns a :class:`VerifiedContext` or raises :class:`TrustError`.
 
-Checks run cheapest first and stop at the first failure, so the reason code
-names the first broken rule in this order:
+Checks stop at the first failure, so the reason code names the first broken
+rule in this order:
 
 1. size (``too_large``) and ring count (``depth_exceeded``), before decoding;
 2. encoding and structure (``malformed``);
-3. per ring, oldest first: key lookup (``unknown_key``), revocation
-   (``revoked``), key-to-actor binding and trust domain
-   (``unauthorized_actor``), link to the previous ring (``broken_link``),
-   narrowing of scope (``scope_escalation``) and window
-   (``window_escalation``);
-4. the newest ring against the delivery: event digest (``event_mismatch``),
+3. keys, oldest ring first: the expected trust domain and origin actors
+   (``unauthorized_actor``, when the verifier was given them), key lookup
+   (``unknown_key``), revocation (``revoked``), key-to-actor binding and trust
+   domain (``unauthorized_actor``);
+4. every signature (``bad_signature``);
+5. links and narrowing, oldest first: ``broken_link``, ``scope_escalation``,
+   ``window_escalation``;
+6. the newest ring against the delivery: event digest (``event_mismatch``),
    destination (``wrong_destination``), time (``expired``,
-   ``not_yet_valid``);
-5. every signature (``bad_signature``), the only expensive step.
+   ``not_yet_valid``).
+
+Signatures come before every rule about what the rings say, so a content
+reason (``scope_escalation``, ``broken_link``...) always describes what real
+keys signed; an unsigned edit is ``bad_signature``.
 """
 
 from __future__ import annotations
@@ -130,17 +135,42 @@ def check_window(ring: Ring, now: float, leeway: int) -> None:
         raise TrustError(Reason.NOT_YET_VALID, f"chain is valid from {ring.iat} (now {int(now)})")
 
 
-def check_structure(chain: Chain, bundle: TrustBundle) -> list[BundleKey]:
-    """Steps 3 of the module contract for every ring; returns each ring's key."""
+def check_keys(
+    chain: Chain,
+    bundle: TrustBundle,
+    *,
+    origin_actors: frozenset[str] | None = None,
+    trust_domain: str | None = None,
+) -> list[BundleKey]:
+    """Step 3 of the module contract: every ring's key, oldest first."""
+    origin = chain.origin
+    if trust_domain is not None and origin.trust_domain != trust_domain:
+        raise TrustError(
+            Reason.UNAUTHORIZED_ACTOR,
+            f"chain belongs to trust domain {origin.trust_domain}, expected {trust_domain}",
+            ring=0,
+        )
+    if origin_actors is not None and origin.actor not in origin_actors:
+        raise TrustError(
+            Reason.UNAUTHORIZED_ACTOR,
+            f"ring 0: {origin.actor} is not allowed to mint origin rings",
+            ring=0,
+        )
+    domain = origin.trust_domain
+    return [
+        check_binding(ring, index, bundle.get(ring.kid), bundle, domain)
+        for index, ring in enumerate(chain.rings)
+    ]
+
+
+def check_links(chain: Chain) -> None:
+    """Step 5: every ring names its predecessor's hash and only narrows."""
     origin = chain.origin
     if origin.iat > origin.exp:
         raise TrustError(Reason.WINDOW_ESCALATION, "ring 0 window ends before it starts", ring=0)
-    domain = origin.trust_domain
-    entries = [check_binding(origin, 0, bundle.get(origin.kid), bundle, domain)]
     hashes = chain.hashes()
     prev: Ring = origin
     for index, hop in enumerate(chain.hops, start=1):
-        entries.append(check_binding(hop, index, bundle.get(hop.kid), bundle, domain))
         if hop.prev_hash != hashes[index - 1]:
             raise TrustError(
                 Reason.BROKEN_LINK,
@@ -149,7 +179,6 @@ def check_structure(chain: Chain, bundle: TrustBundle) -> list[BundleKey]:
             )
         check_narrowing(prev, hop, index)
         prev = hop
-    return entries
 
 
 SignatureCheck = Callable[[Ring, BundleKey], bool]
@@ -168,6 +197,8 @@ def verify_decoded(
     now: float,
     limits: Limits = Limits(),
     event_id: str | None = None,
+    origin_actors: frozenset[str] | None = None,
+    trust_domain: str | None = None,
     signature_check: SignatureCheck = _check_signature,
 ) -> VerifiedContext:
     """Verify an already decoded chain (see :func:`verify_chain`).
@@ -180,7 +211,15 @@ def verify_decoded(
     if not isinstance(newest, HopRing):
         # Structure (step 2) comes before any key lookup (step 3).
         raise TrustError(Reason.MALFORMED, "chain has an origin ring but no hop ring")
-    entries = check_structure(chain, bundle)
+    entries = check_keys(chain, bundle, origin_actors=origin_actors, trust_domain=trust_domain)
+    # Signatures before any rule about the rings' contents: a reason such as
+    # scope_escalation then always names what a real key really signed.
+    for index, (ring, entry) in enumerate(zip(chain.rings, entries, strict=True)):
+        if not signature_check(ring, entry):
+            raise TrustError(
+                Reason.BAD_SIGNATURE, f"ring {index}: signature does not verify", ring=index
+            )
+    check_links(chain)
     if newest.event_digest != event_digest:
         raise TrustError(
             Reason.EVENT_MISMATCH,
@@ -194,11 +233,6 @@ def verify_decoded(
             ring=len(chain.hops),
         )
     check_window(newest, now, limits.leeway)
-    for index, (ring, entry) in enumerate(zip(chain.rings, entries, strict=True)):
-        if not signature_check(ring, entry):
-            raise TrustError(
-                Reason.BAD_SIGNATURE, f"ring {index}: signature does not verify", ring=index
-            )
     origin: OriginRing = chain.origin
     return VerifiedContext(
         subject=origin.subject,
@@ -223,8 +257,15 @@ def verify_chain(
     now: float,
     limits: Limits = Limits(),
     event_id: str | None = None,
+    origin_actors: frozenset[str] | None = None,
+    trust_domain: str | None = None,
 ) -> VerifiedContext:
     """Verify a ``trustchain`` attribute against the event it arrived with.
+
+    ``origin_actors``, when given, is the set of edge workloads allowed to
+    mint origin rings; ``trust_domain``, when given, the only trust domain
+    accepted. Without them any bundled actor of any bundled trust domain may
+    start a chain.
 
     Raises:
         TrustError: with the reason of the first failed check (module docstring
@@ -241,4 +282,6 @@ def verify_chain(
         now=now,
         limits=limits,
         event_id=event_id,
+        origin_actors=origin_actors,
+        trust_domain=trust_domain,
     )

@@ -241,4 +241,10 @@ class BrokerBus:
         if self._raw is not None:
             await self._raw.stop()
         if self._connection is not None:
+            # The run's names are unique: leave nothing behind on the broker.
+            channel = await self._amqp_channel()
+            for destination, queue in self._queues.items():
+                await channel.queue_delete(queue)
+                await channel.queue_delete(dead_letter_queue_name(queue))
+                await channel.exchange_delete(self._split(destination)[1])
             await self._connection.close()

@@ -12,7 +12,11 @@ replay-other-destination  shipping      ``wrong_destination``
 widened-scope             shipping      ``scope_escalation``
 ring-removed              auditor       ``broken_link``
 unknown-key               auditor       ``unknown_key``
+rogue-origin              auditor       ``unauthorized_actor``
 ========================  ============  =====================
+
+Consumers accept origin rings from the gateway only: a compromised inventory
+service has a valid key, but cannot start a chain for a user of its choosing.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ EXPECTED = {
     "widened-scope": "scope_escalation",
     "ring-removed": "broken_link",
     "unknown-key": "unknown_key",
+    "rogue-origin": "unauthorized_actor",
 }
 
 
@@ -138,7 +143,7 @@ async def run_demo(bus: Bus) -> DemoReport:
     """Run the whole flow on ``bus`` and check every expectation."""
     cast = _Cast()
     report = DemoReport(bus.name)
-    verifier = ChainVerifier(cast.bundle)
+    verifier = ChainVerifier(cast.bundle, origin_actors=[GATEWAY])
     orders = bus.kafka("orders")
     shipping = bus.amqp("shipping", "order.reserved")
     audit = bus.kafka("audit")
@@ -272,16 +277,9 @@ async def run_demo(bus: Bus) -> DemoReport:
     await bus.inject(audit, cut)
     injected[("auditor", cut.id)] = "ring-removed"
 
-    # Attack: a workload whose key is not in the bundle mints its own chain.
+    # Attack: a workload whose key is not in the bundle extends a valid chain
+    # it copied from the shipping queue.
     rogue = ChainSigner(cast.rogue)
-    rogue_origin = mint_origin(
-        cast.rogue,
-        subject="user:customer-1",
-        issuer="https://idp.example.com",
-        credential="forged",
-        scope=USER_SCOPE,
-        now=now,
-    )
     forged = rogue.seal(
         _event(
             "com.example.shipping.scheduled",
@@ -290,17 +288,40 @@ async def run_demo(bus: Bus) -> DemoReport:
             "unknown-key-1",
         ),
         destination=audit,
-        origin=rogue_origin,
+        parent=at_shipping[-1].context,
     )
     await bus.inject(audit, forged)
     injected[("auditor", forged.id)] = "unknown-key"
+
+    # Attack: a workload with a valid key (inventory) mints its own origin for
+    # an administrator; only the gateway may start chains.
+    inventory_origin = mint_origin(
+        cast.inventory,
+        subject="user:admin",
+        issuer="https://idp.example.com",
+        credential="none",
+        scope=["audit:write", "payments:refund"],
+        now=now,
+    )
+    rogue_chain = inventory.seal(
+        _event(
+            "com.example.shipping.scheduled",
+            "/inventory",
+            {"order": 1, "refund": 999},
+            "rogue-origin-1",
+        ),
+        destination=audit,
+        origin=inventory_origin,
+    )
+    await bus.inject(audit, rogue_chain)
+    injected[("auditor", rogue_chain.id)] = "rogue-origin"
 
     # 4. The auditor reads the audit topic and keeps every full chain.
     async def on_audit(trusted: TrustedEvent) -> None:
         record("auditor", trusted)
 
     await bus.consume(
-        audit, consumer="auditor", verifier=verifier, handler=on_audit, count=ORDERS - 1 + 2
+        audit, consumer="auditor", verifier=verifier, handler=on_audit, count=ORDERS - 1 + 3
     )
 
     for consumer, destination in (
