@@ -190,7 +190,7 @@ def _hash(m: dict[Any, Any], key: int, index: int, what: str) -> bytes:
 def _time(m: dict[Any, Any], key: int, index: int, what: str) -> int:
     value = m[key]
     if type(value) is not int or not 0 <= value < _MAX_TIME:
-        raise _fail(f"ring {index}: {what} must be a non-negative integer", index)
+        raise _fail(f"ring {index}: {what} must be an integer in [0, 2**40)", index)
     return value
 
 
@@ -209,7 +209,7 @@ def _scope(m: dict[Any, Any], index: int) -> frozenset[str]:
         raise _fail(f"ring {index}: scope must be a list of at most {MAX_SCOPE_ENTRIES}", index)
     for item in value:
         if not isinstance(item, str) or not item or len(item) > 256:
-            raise _fail(f"ring {index}: scope entries must be non-empty strings", index)
+            raise _fail(f"ring {index}: scope entries must be strings of 1 to 256 characters", index)
     if value != sorted(set(value)):
         raise _fail(f"ring {index}: scope must be sorted and without duplicates", index)
     return frozenset(value)
@@ -340,7 +340,7 @@ def decode_chain(text: str, *, max_bytes: int, max_rings: int) -> Chain:
             Reason.DEPTH_EXCEEDED, f"chain has {count - 1} rings, the limit is {max_rings}"
         )
     try:
-        decoded = unpack_canonical(raw, max_array_len=max(max_rings + 1, MAX_SCOPE_ENTRIES))
+        decoded = unpack_canonical(raw, max_array_len=max(max_rings + 1, MAX_SCOPE_ENTRIES + 1))
     except EncodingError as exc:
         raise _fail(f"chain encoding: {exc}") from exc
     if not isinstance(decoded, list) or len(decoded) < 2:
