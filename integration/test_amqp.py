@@ -29,11 +29,14 @@ from cloudevents.core.v1.event import CloudEvent
 from pamqp.commands import Basic
 
 from trusthop.amqp import (
+    H_HEADERS_BYTES,
+    H_HEADERS_DROPPED,
     Delivery,
     PublishRefused,
     TrustedPublisher,
     TrustedWorker,
     dead_letter_queue_name,
+    routing_key_matches,
 )
 from trusthop.bindings.amqp import encode_amqp
 from trusthop.bindings.structured import CONTENT_TYPE
@@ -107,9 +110,10 @@ async def eventually(predicate: Callable[[], bool], what: str, *, within: float 
 class Rabbit:
     """One test's connection and topology; deletes everything it named."""
 
-    def __init__(self, connection: AbstractRobustConnection, prefix: str) -> None:
+    def __init__(self, connection: AbstractRobustConnection, prefix: str, url: str) -> None:
         self.connection = connection
         self.prefix = prefix
+        self.url = url
         self.queues: list[str] = []
         self.exchanges: list[str] = []
         self.dlx = self.name("dlx")
@@ -163,9 +167,18 @@ class Rabbit:
         return out
 
     async def cleanup(self) -> None:
+        """Delete everything named, on a connection of its own (a test may
+        have made the broker close the shared one)."""
+        connection = await aio_pika.connect(self.url)
+        try:
+            await self._delete_all(connection)
+        finally:
+            await connection.close()
+
+    async def _delete_all(self, connection: aio_pika.abc.AbstractConnection) -> None:
         for kind, names in (("queue", self.queues), ("exchange", self.exchanges)):
             for name in names:
-                channel = await self.connection.channel()
+                channel = await connection.channel()
                 with contextlib.suppress(Exception):
                     if kind == "queue":
                         await channel.queue_delete(name)
@@ -178,7 +191,7 @@ class Rabbit:
 @pytest.fixture
 async def rabbit(amqp_url: str, unique_name: str) -> AsyncIterator[Rabbit]:
     connection = await aio_pika.connect_robust(amqp_url)
-    helper = Rabbit(connection, unique_name)
+    helper = Rabbit(connection, unique_name, amqp_url)
     try:
         yield helper
     finally:
@@ -710,3 +723,248 @@ async def test_worker_refuses_bad_configuration(rabbit: Rabbit) -> None:
     worker = rabbit.worker(await rabbit.channel())
     with pytest.raises(RuntimeError, match="no handler"):
         await worker.start()
+
+
+# --------------------------------------------------------------------------- #
+# routing: CC/BCC copies and the queue's own bindings
+# --------------------------------------------------------------------------- #
+
+
+async def test_cc_and_bcc_copies_are_dead_lettered(rabbit: Rabbit) -> None:
+    """A CC/BCC header makes RabbitMQ copy an event signed for another routing
+    key into queues bound to ``order.reserved``, reporting ``order.cancelled``
+    on delivery: the chain's destination check alone would pass it."""
+    channel = await rabbit.channel()
+    shop = await rabbit.exchange(channel, "shop")
+    sink_name = rabbit.queue("cancellations")  # where order.cancelled belongs
+    sink = await channel.declare_queue(sink_name)
+    await sink.bind(shop, "order.cancelled")
+    # q_bind: bound by the worker (one topic wildcard); q_accept: bound here,
+    # stated to the worker with accept_bindings; q_plain: bound here, neither.
+    q_bind, q_accept, q_plain = (rabbit.queue(s) for s in ("bind", "accept", "plain"))
+    for name, keys in (
+        (q_accept, ("order.reserved", "shipment.*.eu")),
+        (q_plain, ("order.reserved",)),
+    ):
+        queue = await channel.declare_queue(name, durable=True)
+        for key in keys:
+            await queue.bind(shop, key)
+
+    worker = rabbit.worker(channel)
+    handled: dict[str, list[str]] = {q_bind: [], q_accept: [], q_plain: []}
+
+    async def record(delivery: Delivery) -> None:
+        handled[delivery.queue].append(str(delivery.message.headers[CASE]))
+
+    worker.handler(q_bind, bind=[(shop.name, "order.reserved"), (shop.name, "shipment.#")])(record)
+    worker.handler(
+        q_accept,
+        declare=False,
+        accept_bindings=[(shop.name, "order.reserved"), (shop.name, "shipment.*.eu")],
+    )(record)
+    worker.handler(q_plain, declare=False)(record)
+
+    edge = ChainSigner(EDGE)
+    origin = make_origin()
+    attacker = await rabbit.channel()
+    a_shop = await attacker.get_exchange(shop.name)
+
+    async def send(
+        case: str,
+        signed_for: str,
+        routing_key: str,
+        extra: HeadersType | None = None,
+        *,
+        exchange: AbstractExchange = a_shop,
+    ) -> None:
+        wire = edge.seal(order_event(case), destination=signed_for, origin=origin)
+        headers, body, content_type = published(wire, case)
+        await publish_raw(exchange, routing_key, body, {**headers, **(extra or {})}, content_type)
+
+    cancelled = amqp_destination(shop.name, "order.cancelled")
+    async with worker:
+        await send(
+            "legit-reserved", amqp_destination(shop.name, "order.reserved"), "order.reserved"
+        )
+        await send(
+            "legit-shipment",
+            amqp_destination(shop.name, "shipment.created.eu"),
+            "shipment.created.eu",
+        )
+        await send(
+            "legit-default-exchange",
+            amqp_destination("", q_bind),
+            q_bind,
+            exchange=attacker.default_exchange,
+        )
+        await send("cc-replay", cancelled, "order.cancelled", {"CC": ["order.reserved"]})
+        await send("bcc-replay", cancelled, "order.cancelled", {"BCC": ["order.reserved"]})
+        await eventually(
+            lambda: worker.stats.delivered + worker.stats.total_dead_lettered == 12,
+            "every copy to be settled",
+        )
+    await channel.close()
+
+    assert sorted(handled[q_bind]) == ["legit-default-exchange", "legit-reserved", "legit-shipment"]
+    assert sorted(handled[q_accept]) == ["legit-reserved", "legit-shipment"]
+    # Documented limit: with neither bind= nor accept_bindings=, a BCC copy
+    # (RabbitMQ strips the header) is indistinguishable from the original.
+    assert sorted(handled[q_plain]) == ["bcc-replay", "legit-reserved"]
+    assert worker.stats.dead_lettered == Counter({Reason.WRONG_DESTINATION: 5})
+    assert worker.stats.requeued == 0 and worker.stats.abandoned == 0
+
+    expected = {q_bind: {"cc-replay", "bcc-replay"}, q_accept: {"cc-replay", "bcc-replay"}}
+    expected[q_plain] = {"cc-replay"}
+    for queue, cases in expected.items():
+        assert await rabbit.counts(queue) == 0
+        letters = {
+            str(m.headers[CASE]): m for m in await rabbit.drain(dead_letter_queue_name(queue))
+        }
+        assert set(letters) == cases, queue
+        for case, letter in letters.items():
+            assert letter.headers[H_REASON] == "wrong_destination"
+            assert letter.headers[H_SOURCE] == cancelled
+            assert "CC" not in letter.headers and "BCC" not in letter.headers
+            detail = str(letter.headers[H_DETAIL])
+            assert ("'CC' header" if case == "cc-replay" else "none of the bindings") in detail
+    # The originals went where they were signed for; RabbitMQ kept CC, dropped BCC.
+    originals = {str(m.headers[CASE]): m for m in await rabbit.drain(sink_name)}
+    assert set(originals) == {"cc-replay", "bcc-replay"}
+    assert originals["cc-replay"].headers["CC"] == ["order.reserved"]
+    assert "BCC" not in originals["bcc-replay"].headers
+
+
+TOPIC_PATTERNS = ["#", "*", "a.#", "#.b", "*.b.#", "a.*.c", "a.#.c", "#.#", "#.a.#", "*.*"]
+TOPIC_PATTERNS += ["", "a", "a.b", "a*", "a.*", "a.", "*.", ".#", "#.*.#"]
+TOPIC_KEYS = ["", "a", "b", "ab", "a*", "a.*", "a.b", "b.a", "x.b", "a.c", "a.b.c", "a..c"]
+TOPIC_KEYS += [
+    "a.x.y.c",
+    "a.c.x",
+    "x.y",
+    "x.y.b",
+    "x.b.c.d",
+    "x.a.y",
+    ".",
+    "a.",
+    ".b",
+    "..",
+    "a.b.c.d.e",
+]
+
+
+async def test_routing_key_matches_agrees_with_a_topic_exchange(rabbit: Rabbit) -> None:
+    """The pure matcher against RabbitMQ itself: every pattern with every key."""
+    channel = await rabbit.channel()
+    topic = await rabbit.exchange(channel, "topic")
+    queues: dict[str, str] = {}
+    for index, pattern in enumerate(TOPIC_PATTERNS):
+        queues[pattern] = rabbit.queue(f"pattern-{index}")
+        queue = await channel.declare_queue(queues[pattern])
+        await queue.bind(topic, pattern)
+    for key in TOPIC_KEYS:
+        message = aio_pika.Message(b"", headers={"rk": key})
+        await topic.publish(message, routing_key=key, mandatory=False)
+    for pattern, queue in queues.items():
+        got = {str(m.headers["rk"]) for m in await rabbit.drain(queue)}
+        expected = {key for key in TOPIC_KEYS if routing_key_matches(pattern, key)}
+        assert got == expected, f"binding key {pattern!r}"
+
+
+# --------------------------------------------------------------------------- #
+# dead letters that cannot be published as they are
+# --------------------------------------------------------------------------- #
+
+
+async def test_oversized_header_poison_is_dead_lettered_once(rabbit: Rabbit) -> None:
+    """A header that fits one frame, but not with the trusthop-* headers added:
+    copied as is, the dead letter made RabbitMQ close the connection
+    (FRAME_ERROR), the poison came back forever and the valid messages behind
+    it were handled again and again."""
+    # The worker on a connection of its own, as in production: the publishers
+    # below must not share its fate.
+    worker_connection = await aio_pika.connect_robust(rabbit.url)
+    channel = await worker_connection.channel(publisher_confirms=True)
+    orders_x = await rabbit.exchange(channel, "orders")
+    queue = rabbit.queue("poisoned")
+    worker = rabbit.worker(channel)
+    handled: list[str] = []
+
+    @worker.handler(queue, bind=[(orders_x.name, "order.placed")])
+    async def on_order(delivery: Delivery) -> None:
+        handled.append(delivery.event.get_id())
+
+    attacker = await rabbit.channel()
+    a_orders = await attacker.get_exchange(orders_x.name)
+    edge = ChainSigner(EDGE)
+    destination = amqp_destination(orders_x.name, "order.placed")
+    valid = [f"ok-{i}" for i in range(5)]
+    async with worker:
+        await publish_raw(a_orders, "order.placed", b"junk", {"pad": "A" * 130_990})
+        for event_id in valid:
+            wire = edge.seal(order_event(event_id), destination=destination, origin=make_origin())
+            headers, body, content_type = published(wire, event_id)
+            await publish_raw(a_orders, "order.placed", body, headers, content_type)
+        await eventually(
+            lambda: worker.stats.delivered >= len(valid) and worker.stats.total_dead_lettered >= 1,
+            "the valid messages and the poison to be settled",
+        )
+        await asyncio.sleep(0.5)  # room for a redelivery, had the connection died
+    await worker_connection.close()
+
+    assert sorted(handled) == valid, "each valid message handled exactly once"
+    assert worker.stats.dead_lettered == Counter({Reason.MALFORMED: 1})
+    assert worker.stats.requeued == 0 and worker.stats.abandoned == 0
+    assert await rabbit.counts(queue) == 0
+    (letter,) = await rabbit.drain(dead_letter_queue_name(queue))
+    assert letter.body == b"junk"
+    assert letter.headers[H_REASON] == "malformed" and letter.headers[H_CONSUMER] == queue
+    assert letter.headers[H_HEADERS_DROPPED] == "1" and "pad" not in letter.headers
+    assert int(str(letter.headers[H_HEADERS_BYTES])) > 130_990
+
+
+async def test_unpublishable_dead_letter_is_abandoned_not_looped(rabbit: Rabbit) -> None:
+    """The dead-letter queue is gone, so every dead letter comes back
+    unroutable: the message is tried as full and stub letter, requeued once,
+    then rejected without requeue (here into the queue's own native DLX)."""
+    channel = await rabbit.channel()
+    orders_x = await rabbit.exchange(channel, "orders")
+    native_x = await rabbit.exchange(channel, "native-dlx")
+    native_name = rabbit.queue("native")
+    native = await channel.declare_queue(native_name)
+    await native.bind(native_x, "#")
+    queue = rabbit.queue("no-dlq")
+    await channel.declare_queue(
+        queue, durable=True, arguments={"x-dead-letter-exchange": native_x.name}
+    )
+    worker = rabbit.worker(channel)
+    handled: list[str] = []
+
+    @worker.handler(queue, declare=False, bind=[(orders_x.name, "order.placed")])
+    async def on_order(delivery: Delivery) -> None:
+        handled.append(delivery.event.get_id())
+
+    publisher = TrustedPublisher(await rabbit.channel(), signer=ChainSigner(EDGE))
+    attacker = await rabbit.channel()
+    a_orders = await attacker.get_exchange(orders_x.name)
+    async with worker:
+        admin = await rabbit.channel()
+        await admin.queue_delete(dead_letter_queue_name(queue))
+        await publish_raw(a_orders, "order.placed", b"junk", {CASE: "junk"})
+        await eventually(lambda: worker.stats.abandoned == 1, "the junk to be abandoned")
+        await publisher.publish(
+            order_event("after"),
+            exchange=orders_x.name,
+            routing_key="order.placed",
+            origin=make_origin(),
+        )
+        await eventually(lambda: handled == ["after"], "the next message")
+        await asyncio.sleep(0.3)  # room for a further (looping) redelivery
+    await channel.close()
+
+    assert worker.stats.abandoned == 1 and worker.stats.requeued == 1
+    assert worker.stats.total_dead_lettered == 0 and worker.stats.delivered == 1
+    assert await rabbit.counts(queue) == 0
+    (kept,) = await rabbit.drain(native_name)
+    assert kept.body == b"junk" and kept.headers[CASE] == "junk"
+    (death,) = kept.headers["x-death"]  # type: ignore[misc]
+    assert death["reason"] == "rejected" and death["queue"] == queue  # type: ignore[index]

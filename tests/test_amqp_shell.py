@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 from aio_pika.exceptions import DeliveryError, PublishError
+from aio_pika.message import ProcessContext
 from aiormq.abc import DeliveredMessage
+from aiormq.exceptions import ConnectionFrameError
 from chainkit import BUNDLE, EDGE, MALLORY_KEY, NOW, ORDERS, S0, T0
 from cloudevents.core.v1.event import CloudEvent
 from hypothesis import HealthCheck, given, settings
@@ -24,13 +26,20 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from trusthop.amqp import (
+    H_HEADERS_BYTES,
+    H_HEADERS_DROPPED,
+    Delivery,
     PublishRefused,
     TrustedPublisher,
     TrustedWorker,
     dead_letter_headers,
     dead_letter_queue_name,
+    delivery_matches_bindings,
+    minimal_dead_letter_headers,
+    routing_key_matches,
     verify_delivery,
 )
+from trusthop.amqp.messages import DEFAULT_FRAME_MAX, encoded_headers_size, header_budget
 from trusthop.bindings.amqp import encode_amqp
 from trusthop.bundle import TrustBundle
 from trusthop.destination import amqp_destination
@@ -87,6 +96,7 @@ def verify(
     *,
     exchange: str | None = EXCHANGE,
     routing_key: str | None = ROUTING_KEY,
+    **routing: Any,
 ) -> Any:
     return verify_delivery(
         VERIFIER,
@@ -95,6 +105,7 @@ def verify(
         content_type=content_type,
         exchange=exchange,
         routing_key=routing_key,
+        **routing,
     )
 
 
@@ -202,6 +213,124 @@ def test_delivery_is_judged_against_where_it_was_consumed() -> None:
     assert reason_of(HEADERS, exchange="orders/order.placed", routing_key="") is (
         Reason.WRONG_DESTINATION
     )
+
+
+# --------------------------------------------------------------------------- #
+# routing checks: CC/BCC headers and the queue's bindings
+# --------------------------------------------------------------------------- #
+
+# (binding key, routing key, whether RabbitMQ's topic exchange routes it);
+# integration/test_amqp.py compares routing_key_matches with RabbitMQ on every
+# pattern and key of this table (and more).
+TOPIC_CASES = [
+    ("#", "", True),
+    ("#", "a", True),
+    ("#", "a.b.c", True),
+    ("#", ".", True),
+    ("*", "", False),
+    ("*", "a", True),
+    ("*", "a.b", False),
+    ("*", ".", False),  # two empty words
+    ("a.#", "a", True),
+    ("a.#", "a.b", True),
+    ("a.#", "a.b.c", True),
+    ("a.#", "a.", True),
+    ("a.#", "b.a", False),
+    ("a.#", "ab", False),
+    ("a.#", "", False),
+    ("#.b", "b", True),
+    ("#.b", "a.b", True),
+    ("#.b", "x.y.b", True),
+    ("#.b", "b.a", False),
+    ("#.b", "", False),
+    ("*.b.#", "x.b", True),
+    ("*.b.#", "x.b.c.d", True),
+    ("*.b.#", ".b", True),  # '*' takes an empty word
+    ("*.b.#", "b", False),
+    ("*.b.#", "x.y.b", False),
+    ("*.b.#", "", False),
+    ("a.*.c", "a.b.c", True),
+    ("a.*.c", "a..c", True),
+    ("a.*.c", "a.c", False),
+    ("a.#.c", "a.c", True),
+    ("a.#.c", "a.x.y.c", True),
+    ("a.#.c", "a.c.x", False),
+    ("#.#", "", True),
+    ("#.#", "a.b", True),
+    ("#.a.#", "a", True),
+    ("#.a.#", "x.a.y", True),
+    ("#.a.#", "x.y", False),
+    ("", "", True),
+    ("", "a", False),
+    ("a.b", "a.b", True),
+    ("a.b", "a.c", False),
+    ("a*", "ab", False),  # a wildcard inside a word is literal
+    ("a*", "a*", True),
+    ("a.*", "a.*", True),
+    ("a.", "a", False),
+    ("*.", "a.", True),
+]
+
+
+@pytest.mark.parametrize(("binding_key", "routing_key", "expected"), TOPIC_CASES)
+def test_routing_key_matches_like_a_topic_exchange(
+    binding_key: str, routing_key: str, expected: bool
+) -> None:
+    assert routing_key_matches(binding_key, routing_key) is expected
+
+
+def test_many_hashes_stay_fast() -> None:
+    pattern = ".".join(["#"] * 60 + ["z"])
+    assert routing_key_matches(pattern, ".".join(["a"] * 120)) is False
+    assert routing_key_matches(pattern, ".".join(["a"] * 120 + ["z"])) is True
+
+
+def test_delivery_matches_bindings() -> None:
+    bindings = [("orders", "order.*"), ("audit", "#")]
+    allowed = delivery_matches_bindings
+    assert allowed("orders", "order.placed", queue="q", bindings=bindings)
+    assert not allowed("orders", "order.placed.eu", queue="q", bindings=bindings)
+    assert not allowed("payments", "order.placed", queue="q", bindings=bindings)
+    assert allowed("audit", "", queue="q", bindings=bindings)
+    # The default exchange routes by queue name, and only that.
+    assert allowed("", "q", queue="q", bindings=())
+    assert allowed(None, "q", queue="q", bindings=())
+    assert not allowed("", "other", queue="q", bindings=bindings)
+    assert not allowed("orders", "q", queue="q", bindings=())
+    assert not allowed(None, None, queue="q", bindings=bindings)
+
+
+@pytest.mark.parametrize("name", ["CC", "BCC", "cc", "Bcc"])
+@pytest.mark.parametrize("value", [["order.placed"], [], "order.placed", None])
+def test_cc_and_bcc_headers_are_refused(name: str, value: Any) -> None:
+    with pytest.raises(TrustError) as info:
+        verify({**HEADERS, name: value})
+    assert info.value.reason is Reason.WRONG_DESTINATION
+    assert name in info.value.message
+
+
+def test_deliveries_are_checked_against_the_queues_bindings() -> None:
+    def check(bindings: Any, exchange: str = EXCHANGE, routing_key: str = ROUTING_KEY) -> Any:
+        return verify(
+            HEADERS, exchange=exchange, routing_key=routing_key, queue="billing", bindings=bindings
+        )
+
+    assert check([(EXCHANGE, ROUTING_KEY)]).event.get_id() == "evt-1"
+    assert check([(EXCHANGE, "order.#"), ("other", "x")]).event.get_id() == "evt-1"
+    for bindings in ([(EXCHANGE, "order.cancelled")], [("other", ROUTING_KEY)], []):
+        with pytest.raises(TrustError) as info:
+            check(bindings)
+        assert info.value.reason is Reason.WRONG_DESTINATION
+        assert "none of the bindings" in info.value.message
+    # Without bindings only the chain's destination is checked.
+    assert verify(HEADERS, queue="billing", bindings=None).event.get_id() == "evt-1"
+    # Through the default exchange the chain must name amqp:/<queue>.
+    with pytest.raises(TrustError) as info:
+        check([], exchange="", routing_key="billing")
+    assert info.value.reason is Reason.WRONG_DESTINATION
+    assert "signed for" in info.value.message
+    with pytest.raises(ValueError, match="queue="):
+        verify(HEADERS, bindings=[(EXCHANGE, ROUTING_KEY)])
 
 
 def test_tampering_and_unknown_keys() -> None:
@@ -313,6 +442,46 @@ def test_dead_letter_headers_keep_originals_and_carry_the_verdict() -> None:
     assert encode.field_table(out)
     with pytest.raises(TypeError):
         encode.field_table(original)
+
+
+def test_oversized_or_unencodable_headers_are_left_out_of_the_dead_letter() -> None:
+    rejection = Rejection(Reason.MALFORMED, "no specversion", DESTINATION, "billing")
+    original: dict[str, Any] = {"pad": "A" * 130_990, "app": 1, "trusthop-reason": "x"}
+    full = dead_letter_headers(original, rejection)
+    assert full["pad"] == original["pad"]  # without a budget, everything is copied
+    size = encoded_headers_size(full)
+    assert size is not None and size > DEFAULT_FRAME_MAX - 8  # more than one frame holds
+
+    reduced = dead_letter_headers(original, rejection, max_bytes=header_budget(None))
+    assert reduced == minimal_dead_letter_headers(original, rejection)
+    assert {k: reduced[k] for k in rejection.headers()} == rejection.headers()
+    assert reduced[H_HEADERS_DROPPED] == "3"
+    copied = encoded_headers_size({"pad": original["pad"], "app": 1})
+    assert reduced[H_HEADERS_BYTES] == str(copied)
+    assert set(reduced) == {*rejection.headers(), H_HEADERS_DROPPED, H_HEADERS_BYTES}
+    assert (encoded_headers_size(reduced) or 0) < 4096
+
+    # Just under the budget: kept; one byte over: reduced.
+    small = {"pad": "A" * 10}
+    room = header_budget(None) - (encoded_headers_size(dead_letter_headers(small, rejection)) or 0)
+    fits = {"pad": "A" * (10 + room)}
+    assert dead_letter_headers(fits, rejection, max_bytes=header_budget(None))["pad"] == fits["pad"]
+    over = {"pad": "A" * (11 + room)}
+    assert H_HEADERS_DROPPED in dead_letter_headers(over, rejection, max_bytes=header_budget(None))
+
+    # A value pamqp cannot encode would make every publish fail: left out too.
+    for bad in (decimal.Decimal("NaN"), 2**64, object()):
+        out = dead_letter_headers({"bad": bad, "ok": "1"}, rejection, max_bytes=10**9)
+        assert out[H_HEADERS_DROPPED] == "2" and out[H_HEADERS_BYTES] == "unencodable"
+        assert "ok" not in out and encode.field_table(out)
+    assert minimal_dead_letter_headers(None, rejection)[H_HEADERS_DROPPED] == "0"
+
+
+def test_header_budget() -> None:
+    assert header_budget(None) == header_budget(0) == DEFAULT_FRAME_MAX - 4096
+    assert header_budget(65536) == 65536 - 4096
+    assert header_budget(4096) == 2048  # never below half a frame
+    assert encoded_headers_size({}) == 4
 
 
 def test_dead_letter_queue_name() -> None:
@@ -456,3 +625,216 @@ def test_handler_registration() -> None:
 def test_bare_namespace_is_not_a_channel() -> None:
     with pytest.raises(ValueError, match="publisher_confirms"):
         TrustedPublisher(SimpleNamespace(), signer=ChainSigner(EDGE))  # type: ignore[arg-type]
+
+
+def test_accept_bindings_registration() -> None:
+    worker = TrustedWorker(FakeChannel(None), verifier=VERIFIER)  # type: ignore[arg-type]
+
+    async def handle(delivery: Any) -> None:
+        return None
+
+    worker.handler("a", declare=False, accept_bindings=[("orders", "order.*")])(handle)
+    worker.handler("b", bind=[("orders", "x")], accept_bindings=[])(handle)
+    worker.handler("c", accept_bindings=[])(handle)  # only the default exchange
+    for bad in (("orders", "order.placed"), [("orders",)], [(1, "k")], [("orders", 5)]):
+        with pytest.raises(ValueError, match="pairs"):
+            worker.handler("d", accept_bindings=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pairs"):
+        worker.handler("d", bind=("orders", "order.placed"))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- #
+# the worker's dead-letter ladder, with a stand-in channel and messages
+# --------------------------------------------------------------------------- #
+
+
+class LadderQueue:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.callback: Any = None
+
+    async def bind(self, exchange: Any, routing_key: str) -> None:
+        return None
+
+    async def consume(self, callback: Any, no_ack: bool = False) -> str:
+        self.callback = callback
+        return "tag"
+
+    async def cancel(self, tag: str) -> None:
+        return None
+
+
+class LadderExchange:
+    """A dead-letter exchange whose publishes follow a script of outcomes."""
+
+    def __init__(self, outcomes: list[Any]) -> None:
+        self.name = "dlx"
+        self.outcomes = outcomes
+        self.published: list[Any] = []
+
+    async def publish(self, message: Any, routing_key: str, *, mandatory: bool = True) -> Any:
+        outcome = self.outcomes.pop(0) if self.outcomes else Basic.Ack(delivery_tag=1)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        encode.field_table(message.headers)  # what aiormq does before sending
+        self.published.append(message)
+        return outcome
+
+
+class LadderChannel:
+    publisher_confirms = True
+
+    def __init__(self, outcomes: list[Any]) -> None:
+        self.dlx = LadderExchange(outcomes)
+        self.queues: dict[str, LadderQueue] = {}
+
+    async def set_qos(self, prefetch_count: int) -> None:
+        return None
+
+    async def declare_exchange(self, name: str, *args: Any, **kwargs: Any) -> LadderExchange:
+        return self.dlx
+
+    async def declare_queue(self, name: str, **kwargs: Any) -> LadderQueue:
+        return self.queues.setdefault(name, LadderQueue(name))
+
+    async def deliver(self, queue: str, message: FakeIncoming) -> None:
+        await self.queues[queue].callback(message)
+
+
+class FakeIncoming:
+    """Enough of an aio-pika IncomingMessage for the worker."""
+
+    def __init__(self, body: bytes, headers: dict[str, Any], *, redelivered: bool = False) -> None:
+        self.body = body
+        self.headers = headers
+        self.redelivered = redelivered
+        self.exchange, self.routing_key = EXCHANGE, ROUTING_KEY
+        self.content_type: str | None = None
+        self.content_encoding = self.correlation_id = self.reply_to = None
+        self.message_id, self.type, self.app_id = "m-1", None, None
+        self.delivery_mode, self.priority, self.timestamp = 2, None, None
+        self.settled: list[str] = []
+
+    @property
+    def processed(self) -> bool:
+        return bool(self.settled)
+
+    def process(self, requeue: bool = False, ignore_processed: bool = False) -> Any:
+        return ProcessContext(
+            self,  # type: ignore[arg-type]
+            requeue=requeue,
+            reject_on_redelivered=False,
+            ignore_processed=ignore_processed,
+        )
+
+    async def ack(self) -> None:
+        self.settled.append("ack")
+
+    async def nack(self, requeue: bool = True) -> None:
+        self.settled.append("requeue" if requeue else "drop")
+
+    async def reject(self, requeue: bool = False) -> None:
+        self.settled.append("requeue" if requeue else "drop")
+
+    def again(self) -> FakeIncoming:
+        """The same message as the broker redelivers it."""
+        return FakeIncoming(self.body, dict(self.headers), redelivered=True)
+
+
+def refused() -> PublishRefused:
+    return PublishRefused("no route", exchange="dlx", routing_key="billing", returned=True)
+
+
+def killed() -> ConnectionFrameError:
+    return ConnectionFrameError(501, "FRAME_ERROR")
+
+
+async def ladder(outcomes: list[Any]) -> tuple[TrustedWorker, LadderChannel]:
+    channel = LadderChannel(outcomes)
+    worker = TrustedWorker(channel, verifier=VERIFIER)  # type: ignore[arg-type]
+
+    @worker.handler("billing", bind=[(EXCHANGE, ROUTING_KEY)])
+    async def handle(delivery: Delivery) -> None:
+        raise AssertionError("junk never reaches the handler")
+
+    await worker.start()
+    return worker, channel
+
+
+JUNK = {"app": "kept", "x-note": "1"}
+
+
+async def test_dead_letter_lost_with_the_connection_is_sent_as_a_stub_next_time() -> None:
+    worker, channel = await ladder([killed()])
+    first = FakeIncoming(b"junk", dict(JUNK))
+    await channel.deliver("billing", first)
+    assert first.settled == ["requeue"] and worker.stats.requeued == 1
+
+    second = first.again()
+    await channel.deliver("billing", second)
+    assert second.settled == ["ack"]
+    (letter,) = channel.dlx.published
+    assert letter.body == b"junk" and letter.message_id == "m-1"
+    assert letter.headers[H_REASON] == "malformed"
+    assert letter.headers[H_HEADERS_DROPPED] == "2" and "app" not in letter.headers
+    assert worker.stats.dead_lettered == {Reason.MALFORMED: 1} and worker.stats.abandoned == 0
+
+    # The count was cleared: the same content later gets a full dead letter.
+    third = FakeIncoming(b"junk", dict(JUNK))
+    await channel.deliver("billing", third)
+    assert third.settled == ["ack"] and channel.dlx.published[-1].headers["app"] == "kept"
+
+
+async def test_a_message_whose_dead_letter_keeps_failing_is_abandoned() -> None:
+    worker, channel = await ladder([killed(), killed(), killed()])
+    message = FakeIncoming(b"junk", dict(JUNK))
+    await channel.deliver("billing", message)  # full letter: connection lost
+    again = message.again()
+    await channel.deliver("billing", again)  # stub: connection lost
+    last = again.again()
+    await channel.deliver("billing", last)  # not published again: given up
+    assert [message.settled, again.settled, last.settled] == [["requeue"], ["requeue"], ["drop"]]
+    assert channel.dlx.published == [] and len(channel.dlx.outcomes) == 1
+    assert worker.stats.abandoned == 1 and worker.stats.total_dead_lettered == 0
+    # Another message is not affected by this one's count.
+    other = FakeIncoming(b"other junk", dict(JUNK))
+    await channel.deliver("billing", other)
+    assert other.settled == ["requeue"]  # the scripted third failure, full letter
+    assert worker.stats.abandoned == 1
+
+
+async def test_a_refused_dead_letter_is_retried_as_a_stub_at_once() -> None:
+    worker, channel = await ladder([refused()])
+    message = FakeIncoming(b"junk", dict(JUNK))
+    await channel.deliver("billing", message)
+    assert message.settled == ["ack"] and worker.stats.requeued == 0
+    (letter,) = channel.dlx.published
+    assert letter.headers[H_HEADERS_DROPPED] == "2"
+
+
+async def test_refused_twice_is_requeued_then_abandoned_when_redelivered() -> None:
+    worker, channel = await ladder([refused()] * 4)
+    message = FakeIncoming(b"junk", dict(JUNK))
+    await channel.deliver("billing", message)
+    assert message.settled == ["requeue"]
+    again = message.again()
+    await channel.deliver("billing", again)
+    assert again.settled == ["drop"] and len(channel.dlx.outcomes) == 2
+    assert worker.stats.abandoned == 1 and worker.stats.requeued == 1
+    # Already redelivered when first seen: stub tried, then given up at once.
+    seen_before = FakeIncoming(b"more junk", dict(JUNK), redelivered=True)
+    await channel.deliver("billing", seen_before)
+    assert seen_before.settled == ["drop"] and channel.dlx.outcomes == []
+    assert worker.stats.abandoned == 2
+
+
+async def test_oversized_headers_are_not_copied_into_the_dead_letter() -> None:
+    worker, channel = await ladder([])
+    message = FakeIncoming(b"junk", {"pad": "A" * 130_990})
+    await channel.deliver("billing", message)
+    assert message.settled == ["ack"]
+    (letter,) = channel.dlx.published
+    assert letter.headers[H_HEADERS_DROPPED] == "1" and "pad" not in letter.headers
+    assert int(letter.headers[H_HEADERS_BYTES]) > 130_990
+    assert letter.message_id == "m-1" and letter.delivery_mode == 2  # properties kept
+    assert worker.stats.dead_lettered == {Reason.MALFORMED: 1}

@@ -209,7 +209,9 @@ def _scope(m: dict[Any, Any], index: int) -> frozenset[str]:
         raise _fail(f"ring {index}: scope must be a list of at most {MAX_SCOPE_ENTRIES}", index)
     for item in value:
         if not isinstance(item, str) or not item or len(item) > 256:
-            raise _fail(f"ring {index}: scope entries must be strings of 1 to 256 characters", index)
+            raise _fail(
+                f"ring {index}: scope entries must be strings of 1 to 256 characters", index
+            )
     if value != sorted(set(value)):
         raise _fail(f"ring {index}: scope must be sorted and without duplicates", index)
     return frozenset(value)

@@ -38,14 +38,26 @@ Delivery contract of :class:`TrustedWorker`, per message:
    ``max_attempts`` times, then the message is dead-lettered with reason
    ``handler_failed``;
 4. if the dead letter cannot be published (no confirm, returned, channel
-   lost) the original is requeued, so nothing is lost.
+   lost) the original is requeued; a message whose dead letter failed twice
+   (the second time as a stub without the original headers) and that comes
+   back redelivered is rejected without requeue and counted as abandoned
+   (see :mod:`trusthop.amqp.worker`), so a poison message cannot loop.
+
+A delivery carrying a ``CC`` or ``BCC`` header, or (with ``bind=`` or
+``accept_bindings=``) one that none of the queue's bindings can have routed,
+is dead-lettered with ``wrong_destination``.
 """
 
 from trusthop.amqp.messages import (
     DEFAULT_DEAD_LETTER_EXCHANGE,
     DLQ_SUFFIX,
+    H_HEADERS_BYTES,
+    H_HEADERS_DROPPED,
     dead_letter_headers,
     dead_letter_queue_name,
+    delivery_matches_bindings,
+    minimal_dead_letter_headers,
+    routing_key_matches,
     verify_delivery,
 )
 from trusthop.amqp.publisher import PublishRefused, TrustedPublisher
@@ -54,6 +66,8 @@ from trusthop.amqp.worker import Delivery, Handler, TrustedWorker, WorkerStats
 __all__ = [
     "DEFAULT_DEAD_LETTER_EXCHANGE",
     "DLQ_SUFFIX",
+    "H_HEADERS_BYTES",
+    "H_HEADERS_DROPPED",
     "Delivery",
     "Handler",
     "PublishRefused",
@@ -62,5 +76,8 @@ __all__ = [
     "WorkerStats",
     "dead_letter_headers",
     "dead_letter_queue_name",
+    "delivery_matches_bindings",
+    "minimal_dead_letter_headers",
+    "routing_key_matches",
     "verify_delivery",
 ]

@@ -1,16 +1,30 @@
 """AMQP messages without I/O: verification of a delivery, dead-letter headers and names.
 
 Pure helpers of :class:`~trusthop.amqp.worker.TrustedWorker`: decode and
-verify one delivered message against ``amqp:<exchange>/<routing key>``, build
-the headers of its dead letter, name the dead-letter queue of a queue.
+verify one delivered message against ``amqp:<exchange>/<routing key>`` (after
+the routing checks below), build the headers of its dead letter within a byte
+budget, name the dead-letter queue of a queue.
+
+Routing checks, run before the chain is decoded:
+
+* a message carrying a ``CC`` or ``BCC`` header is refused with
+  ``wrong_destination``: RabbitMQ copies such a message into queues bound to
+  the routing keys listed there but reports the publish routing key on
+  delivery, so the destination the chain names proves nothing about why the
+  message is in this queue;
+* when the queue's bindings are known, the delivery's exchange and routing
+  key must match one of them (:func:`delivery_matches_bindings`), otherwise
+  ``wrong_destination``. RabbitMQ strips ``BCC`` before delivery, so only this
+  check catches a ``BCC`` copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from aio_pika.abc import HeadersType
+from pamqp import encode
 from pamqp.common import FieldValue
 
 from trusthop.bindings.amqp import decode_amqp
@@ -21,6 +35,19 @@ from trusthop.pipeline import ChainVerifier, Rejection, TrustedEvent
 DEFAULT_DEAD_LETTER_EXCHANGE = "trusthop.dlx"
 DLQ_SUFFIX = ".dlq"
 
+# Dead-letter headers added when the original headers are left out.
+H_HEADERS_DROPPED = "trusthop-headers-dropped"
+H_HEADERS_BYTES = "trusthop-headers-bytes"
+
+DEFAULT_FRAME_MAX = 131072
+"""RabbitMQ's default ``frame_max``, used when the negotiated one is unknown."""
+HEADER_FRAME_RESERVE = 4096
+"""Bytes of a content-header frame kept for everything but the header table.
+
+The frame header and end octet (8), class, weight, body size and property
+flags (14), and at most eight short-string properties (8 x 256) fit in it.
+"""
+
 # Headers never copied from a rejected message into its dead letter:
 # ``trusthop-*`` (only the worker writes those) and the sender-selected
 # distribution headers RabbitMQ acts on at publish time (``CC`` would route
@@ -28,10 +55,90 @@ DLQ_SUFFIX = ".dlq"
 _OWN_PREFIX = "trusthop-"
 _ROUTING_HEADERS = frozenset({"cc", "bcc"})
 
+Binding = tuple[str, str]
+"""``(exchange name, binding key)`` of a queue binding."""
+
 
 def dead_letter_queue_name(queue: str) -> str:
     """The dead-letter queue of ``queue`` (``<queue>.dlq``)."""
     return queue + DLQ_SUFFIX
+
+
+# --------------------------------------------------------------------------- #
+# routing checks
+# --------------------------------------------------------------------------- #
+
+
+def _words(key: str) -> list[str]:
+    # As RabbitMQ splits a topic key: "" is no word at all, "a." is "a" and "".
+    return key.split(".") if key else []
+
+
+def routing_key_matches(binding_key: str, routing_key: str) -> bool:
+    """Whether a binding with ``binding_key`` takes a message with ``routing_key``.
+
+    Exact equality, or AMQP topic semantics when ``binding_key`` holds a
+    wildcard word: words are separated by ``.``, a word ``*`` matches exactly
+    one word, a word ``#`` matches zero or more words. As in RabbitMQ, the
+    empty key has no words (so ``#`` matches it and ``*`` does not) and a
+    wildcard character inside a longer word (``a*``) is literal.
+
+    For a direct exchange a binding key containing a ``*`` or ``#`` word is
+    literal to RabbitMQ, so this is more permissive there (the chain's
+    destination check still applies). Fanout and headers exchanges ignore the
+    routing key: state their bindings with the key ``#``.
+
+    Pure, linear in the product of the word counts; never raises.
+    """
+    if binding_key == routing_key:
+        return True
+    pattern, words = _words(binding_key), _words(routing_key)
+    if "*" not in pattern and "#" not in pattern:
+        return False
+    # reach[j]: the pattern words seen so far can match the first j words.
+    reach = [True] + [False] * len(words)
+    for part in pattern:
+        if part == "#":
+            seen = False
+            for j, ok in enumerate(reach):
+                seen = seen or ok
+                reach[j] = seen
+        elif part == "*":
+            reach = [False, *reach[:-1]]
+        else:
+            reach = [False] + [reach[j] and words[j] == part for j in range(len(words))]
+    return reach[-1]
+
+
+def delivery_matches_bindings(
+    exchange: str | None,
+    routing_key: str | None,
+    *,
+    queue: str,
+    bindings: Collection[Binding],
+) -> bool:
+    """Whether a delivery to ``queue`` can have come through one of ``bindings``.
+
+    True when some binding names the delivery's exchange and its key matches
+    the routing key (:func:`routing_key_matches`), or when the message came
+    through the default exchange (``""``) with the queue's name as routing key
+    (every queue is bound there). ``None`` counts as ``""``. Pure; never raises.
+    """
+    exchange, routing_key = exchange or "", routing_key or ""
+    if exchange == "" and routing_key == queue:
+        return True
+    return any(
+        bound == exchange and routing_key_matches(key, routing_key) for bound, key in bindings
+    )
+
+
+def routing_headers(headers: Mapping[str, Any] | None) -> list[str]:
+    """The ``CC``/``BCC`` headers of a message (any letter case), in order.
+
+    RabbitMQ acts on ``CC`` and ``BCC`` exactly; other spellings are listed
+    too, since no trusthop publisher sets any of them.
+    """
+    return [str(k) for k in (headers or {}) if str(k).lower() in _ROUTING_HEADERS]
 
 
 def _source(exchange: str | None, routing_key: str | None) -> tuple[str, TrustError | None]:
@@ -52,20 +159,55 @@ def verify_delivery(
     content_type: str | None,
     exchange: str | None,
     routing_key: str | None,
+    queue: str | None = None,
+    bindings: Collection[Binding] | None = None,
 ) -> TrustedEvent:
     """Decode and verify one delivered message, as the worker does.
+
+    In order: a ``CC``/``BCC`` header (:func:`routing_headers`) is refused;
+    an exchange name no trusthop publisher can sign for is refused; when
+    ``bindings`` is given, a delivery to ``queue`` that none of them (nor the
+    default exchange) can have routed is refused
+    (:func:`delivery_matches_bindings`); then the message is decoded and its
+    chain verified against ``amqp:<exchange>/<routing key>``. With
+    ``bindings=None`` only the chain's destination is checked.
 
     Pure (no I/O). ``x-*`` and other non-CloudEvents headers are ignored by
     the decoder, so they are neither trusted nor covered by the digest.
 
     Raises:
-        TrustError: the only exception, whatever the headers and body hold.
+        TrustError: the only exception, whatever the headers and body hold;
+            ``wrong_destination`` for the three routing checks.
+        ValueError: ``bindings`` given without ``queue`` (a caller's bug).
     """
+    if bindings is not None and queue is None:
+        raise ValueError("bindings= needs queue= (the default exchange routes by queue name)")
+    copied = routing_headers(headers)
+    if copied:
+        raise TrustError(
+            Reason.WRONG_DESTINATION,
+            f"the message carries a {copied[0][:8]!r} header: RabbitMQ copies it into queues "
+            "bound to other routing keys than the one it reports, so trusthop refuses it",
+        )
     destination, refused = _source(exchange, routing_key)
     if refused is not None:
         raise refused
+    if (
+        bindings is not None
+        and queue is not None
+        and not delivery_matches_bindings(exchange, routing_key, queue=queue, bindings=bindings)
+    ):
+        raise TrustError(
+            Reason.WRONG_DESTINATION,
+            f"{destination[:300]} matches none of the bindings expected for queue {queue[:255]!r}",
+        )
     wire = decode_amqp(headers, body, content_type)
     return verifier.verify(wire, destination)
+
+
+# --------------------------------------------------------------------------- #
+# dead-letter headers
+# --------------------------------------------------------------------------- #
 
 
 def _reencodable(value: Any) -> FieldValue:
@@ -80,13 +222,30 @@ def _reencodable(value: Any) -> FieldValue:
     return value  # type: ignore[no-any-return]
 
 
-def dead_letter_headers(headers: Mapping[str, Any] | None, rejection: Rejection) -> HeadersType:
-    """Headers of a dead letter: the original ones plus the rejection's.
+def encoded_headers_size(headers: Mapping[str, Any]) -> int | None:
+    """Bytes of ``headers`` encoded as an AMQP field table, as aio-pika sends it.
 
-    Original ``trusthop-*`` headers are dropped (a sender cannot forge a
-    verdict), as are ``CC``/``BCC`` (RabbitMQ would route extra copies);
-    values are made encodable again (``bytes`` become ``bytearray``).
+    Returns ``None`` when pamqp cannot encode them (a value of an unsupported
+    type or out of range). Never raises.
     """
+    try:
+        return len(encode.field_table(dict(headers)))
+    except Exception:  # any encoder failure means "cannot be sent as is"
+        return None
+
+
+def header_budget(frame_max: int | None) -> int:
+    """Largest header table a dead letter may carry on a connection with ``frame_max``.
+
+    ``frame_max`` minus :data:`HEADER_FRAME_RESERVE` (the other properties
+    and the frame overhead), but at least half of ``frame_max``. ``None`` or
+    ``0`` (unknown, or "no limit") count as :data:`DEFAULT_FRAME_MAX`.
+    """
+    frame = frame_max or DEFAULT_FRAME_MAX
+    return max(frame - HEADER_FRAME_RESERVE, frame // 2)
+
+
+def _copied(headers: Mapping[str, Any] | None) -> HeadersType:
     out: HeadersType = {}
     for key, value in (headers or {}).items():
         name = str(key)
@@ -94,5 +253,47 @@ def dead_letter_headers(headers: Mapping[str, Any] | None, rejection: Rejection)
         if lowered.startswith(_OWN_PREFIX) or lowered in _ROUTING_HEADERS:
             continue
         out[name] = _reencodable(value)
+    return out
+
+
+def minimal_dead_letter_headers(
+    headers: Mapping[str, Any] | None, rejection: Rejection
+) -> HeadersType:
+    """Headers of a dead letter that leaves every original header out.
+
+    The rejection's ``trusthop-*`` headers, plus ``trusthop-headers-dropped``
+    (how many original headers there were) and ``trusthop-headers-bytes``
+    (the encoded size of those that a full dead letter would have copied, or
+    ``unencodable`` when pamqp cannot encode them). All values are strings.
+    Never raises.
+    """
+    copied = _copied(headers)
+    size = encoded_headers_size(copied)
+    out: HeadersType = dict(rejection.headers())
+    out[H_HEADERS_DROPPED] = str(len(headers or {}))
+    out[H_HEADERS_BYTES] = "unencodable" if size is None else str(size)
+    return out
+
+
+def dead_letter_headers(
+    headers: Mapping[str, Any] | None, rejection: Rejection, *, max_bytes: int | None = None
+) -> HeadersType:
+    """Headers of a dead letter: the original ones plus the rejection's.
+
+    Original ``trusthop-*`` headers are dropped (a sender cannot forge a
+    verdict), as are ``CC``/``BCC`` (RabbitMQ would route extra copies);
+    values are made encodable again (``bytes`` become ``bytearray``).
+
+    With ``max_bytes``, the result is checked once encoded: if it is larger,
+    or pamqp cannot encode it, :func:`minimal_dead_letter_headers` is returned
+    instead (RabbitMQ closes the whole connection on a content-header frame
+    larger than ``frame_max``, and a value pamqp refuses would make every
+    publish of the dead letter fail). Never raises.
+    """
+    out = _copied(headers)
     out.update(rejection.headers())
+    if max_bytes is not None:
+        size = encoded_headers_size(out)
+        if size is None or size > max_bytes:
+            return minimal_dead_letter_headers(headers, rejection)
     return out

@@ -11,16 +11,40 @@ Delivery contract of :class:`TrustedWorker`, per message:
    handler returns. A handler that raises is retried in-process up to
    ``max_attempts`` times, then the message is dead-lettered with reason
    ``handler_failed``;
-4. if the dead letter cannot be published (no confirm, returned, channel
-   lost) the original is requeued, so nothing is lost.
+4. if the dead letter cannot be published the worker climbs a short ladder
+   instead of looping: a dead letter refused while the channel still works
+   (returned, nacked, unencodable) is retried at once as a *stub* (the
+   rejection's headers and the body, no original header); if that fails too,
+   or the channel was lost, the original is requeued. Each publish attempt is
+   counted per message (a fingerprint of its content, kept in memory by this
+   worker), so the next delivery of the same message sends the stub, and a
+   *redelivered* message with two failed attempts is abandoned: rejected
+   without requeue (RabbitMQ drops it, or dead-letters it natively when the
+   queue has an ``x-dead-letter-exchange``), logged and counted in
+   :attr:`WorkerStats.abandoned`.
+
+Routing checks (see :func:`~trusthop.amqp.messages.verify_delivery`): a
+delivery carrying a ``CC`` or ``BCC`` header is dead-lettered with
+``wrong_destination``; when the handler was registered with ``bind=`` or
+``accept_bindings=``, so is a delivery whose exchange and routing key match
+none of those bindings (nor the default exchange with the queue's name).
+
+Dead letters carry the original headers unless they would not fit in one
+content-header frame (``frame_max`` of the connection minus
+:data:`~trusthop.amqp.messages.HEADER_FRAME_RESERVE`): RabbitMQ would close
+the whole connection (``FRAME_ERROR``), requeueing the poison and every
+unacked message behind it. Such a dead letter carries only the ``trusthop-*``
+headers, with ``trusthop-headers-dropped`` and ``trusthop-headers-bytes``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-from collections import Counter
+import struct
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -31,12 +55,15 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from trusthop.amqp.messages import (
     DEFAULT_DEAD_LETTER_EXCHANGE,
+    Binding,
     _source,
     dead_letter_headers,
     dead_letter_queue_name,
+    header_budget,
+    minimal_dead_letter_headers,
     verify_delivery,
 )
-from trusthop.amqp.publisher import _publish_confirmed, _require_confirms
+from trusthop.amqp.publisher import PublishRefused, _publish_confirmed, _require_confirms
 from trusthop.errors import Reason, TrustError
 from trusthop.pipeline import ChainVerifier, DeliveryViews, Rejection, TrustedEvent
 
@@ -76,12 +103,17 @@ class WorkerStats:
             was not confirmed, the ack failed, or the worker was stopping. (A
             handler cancelled by a channel close is not counted: the broker
             requeues its message by itself.)
+        abandoned: messages rejected without requeue because their dead
+            letter could not be published, even as a stub (see the module
+            docstring); RabbitMQ drops them unless the queue has its own
+            ``x-dead-letter-exchange``.
     """
 
     delivered: int = 0
     dead_lettered: Counter[Reason] = field(default_factory=Counter)
     handler_errors: int = 0
     requeued: int = 0
+    abandoned: int = 0
 
     @property
     def total_dead_lettered(self) -> int:
@@ -94,6 +126,51 @@ class _Route:
     handler: Handler
     declare: bool
     bind: tuple[tuple[str | AbstractExchange, str], ...]
+    # What a delivery must match (bind + accept_bindings), or None: no check.
+    bindings: tuple[Binding, ...] | None
+
+
+def _pairs(name: str, items: Sequence[tuple[Any, Any]], *, exchange_objects: bool) -> None:
+    # A bare ("exchange", "key") instead of [("exchange", "key")] would unpack
+    # each string into characters; refuse anything but pairs.
+    for item in items:
+        ok = isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[1], str)
+        if ok and not exchange_objects:
+            ok = isinstance(item[0], str)
+        if not ok:
+            raise ValueError(f"{name} takes a sequence of (exchange, routing_key) pairs")
+
+
+# Dead-letter publish attempts remembered per message fingerprint.
+_ATTEMPTS_REMEMBERED = 4096
+# Failures after which a dead letter is retried as a stub right away: the
+# broker answered (return, nack) or the encoder refused, so the channel works.
+_REFUSED = (PublishRefused, TypeError, ValueError, OverflowError, struct.error)
+
+
+def _fingerprint(message: AbstractIncomingMessage, consumer: str) -> str:
+    """What identifies one message across its redeliveries (not its delivery tag)."""
+    digest = hashlib.sha256()
+    facts = (
+        consumer,
+        message.exchange,
+        message.routing_key,
+        message.message_id,
+        message.correlation_id,
+        message.content_type,
+        message.headers,
+    )
+    digest.update(repr(facts).encode("utf-8", "backslashreplace"))
+    digest.update(b"\x00")
+    digest.update(message.body)
+    return digest.hexdigest()
+
+
+def _text(value: object) -> str | None:
+    """A short-string property worth keeping in a stub dead letter."""
+    if isinstance(value, str) and len(value.encode("utf-8", "replace")) <= 255:
+        return value
+    return None
 
 
 class TrustedWorker:
@@ -143,6 +220,8 @@ class TrustedWorker:
         self._dlx: AbstractExchange | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
         self._running = False
+        # fingerprint -> dead-letter publishes started and not confirmed.
+        self._letter_attempts: OrderedDict[str, int] = OrderedDict()
 
     def handler(
         self,
@@ -150,15 +229,33 @@ class TrustedWorker:
         *,
         declare: bool = True,
         bind: Sequence[tuple[str | AbstractExchange, str]] = (),
+        accept_bindings: Sequence[tuple[str, str]] | None = None,
     ) -> Callable[[Handler], Handler]:
         """Register ``async def handler(delivery)`` for ``queue``.
 
         ``declare`` declares the queue durable at :meth:`start`; ``bind``
         binds it to each ``(exchange, routing_key)`` (the exchanges must
-        exist). Returns the handler unchanged.
+        exist). ``accept_bindings`` states bindings the queue has without the
+        worker making them (a queue bound elsewhere, ``declare=False``).
+
+        When ``bind`` or ``accept_bindings`` is given, a delivery whose
+        exchange and routing key match none of them is dead-lettered with
+        ``wrong_destination`` (topic wildcards ``*`` and ``#`` are honoured;
+        the default exchange with the queue's name as routing key is always
+        accepted; see :func:`~trusthop.amqp.messages.routing_key_matches`).
+        With neither, only the chain's destination is checked, so a copy
+        RabbitMQ routed by a ``BCC`` header (which it strips before delivery)
+        cannot be told apart. A ``CC``/``BCC`` header is refused either way.
+        ``accept_bindings=[]`` accepts only the default exchange. Bindings to
+        a fanout or headers exchange, exchange-to-exchange bindings and
+        alternate exchanges must be stated with the exchange the message was
+        *published* to and the key ``#`` where the routing key is not used.
+
+        Returns the handler unchanged.
 
         Raises:
-            ValueError: the queue already has a handler, or its name is empty.
+            ValueError: the queue already has a handler, its name is empty, or
+                ``bind``/``accept_bindings`` is not a sequence of pairs.
             RuntimeError: the worker is already running.
         """
         if self._running:
@@ -167,9 +264,19 @@ class TrustedWorker:
             raise ValueError("a handled queue needs a name")
         if queue in self._routes:
             raise ValueError(f"queue {queue!r} already has a handler")
+        _pairs("bind", bind, exchange_objects=True)
+        if accept_bindings is not None:
+            _pairs("accept_bindings", accept_bindings, exchange_objects=False)
+        bound = tuple(bind)
+        bindings: tuple[Binding, ...] | None = None
+        if bound or accept_bindings is not None:
+            bindings = tuple(
+                (exchange if isinstance(exchange, str) else exchange.name, key)
+                for exchange, key in (*bound, *(accept_bindings or ()))
+            )
 
         def register(func: Handler) -> Handler:
-            self._routes[queue] = _Route(queue, func, declare, tuple(bind))
+            self._routes[queue] = _Route(queue, func, declare, bound, bindings)
             return func
 
         return register
@@ -270,6 +377,8 @@ class TrustedWorker:
                     content_type=message.content_type,
                     exchange=message.exchange,
                     routing_key=message.routing_key,
+                    queue=route.queue,
+                    bindings=route.bindings,
                 )
             except TrustError as error:
                 source, _ = _source(message.exchange, message.routing_key)
@@ -325,16 +434,30 @@ class TrustedWorker:
     async def _dead_letter(self, message: AbstractIncomingMessage, rejection: Rejection) -> None:
         """Publish the dead letter with confirm, then ack the original.
 
-        The dead letter keeps body and properties except ``expiration`` (a
-        dead letter must not vanish) and ``user_id`` (RabbitMQ refuses a
-        user_id other than the publishing connection's).
+        The ladder (counted per message fingerprint, see the module docstring):
+
+        * no earlier attempt: the full dead letter, which keeps body and
+          properties except ``expiration`` (a dead letter must not vanish)
+          and ``user_id`` (RabbitMQ refuses a user_id other than the
+          publishing connection's), and the original headers unless they
+          exceed the header budget of the connection's ``frame_max``;
+        * an earlier attempt, or the full letter refused while the channel
+          works: the stub (rejection headers, body, short-string properties);
+        * two earlier attempts and the message is ``redelivered``: abandoned
+          (rejected without requeue, :attr:`WorkerStats.abandoned`).
 
         Raises:
-            PublishRefused, aio_pika.exceptions.AMQPError: not confirmed; the
-                original is then requeued by the caller's ``process()``.
+            PublishRefused, aio_pika.exceptions.AMQPError, ...: not confirmed;
+                the original is then requeued by the caller's ``process()``
+                (or by the broker when the channel is gone).
         """
         if self._dlx is None:
             raise RuntimeError("worker not started")
+        key = _fingerprint(message, rejection.consumer)
+        tried = self._letter_attempts.get(key, 0)
+        if tried >= 2 and message.redelivered:
+            await self._abandon(message, rejection, key, tried)
+            return
         log.warning(
             "trusthop: dead-lettering message from %s on %r: %s (%s)",
             rejection.source,
@@ -342,9 +465,88 @@ class TrustedWorker:
             rejection.reason.value,
             rejection.detail,
         )
-        letter = aio_pika.Message(
+        budget = header_budget(await self._frame_max())
+        refused: Exception | None = None
+        for stub in (False, True) if tried == 0 else (True,):
+            # Counted before publishing: an attempt that kills the connection
+            # (so nothing below runs) is remembered for the redelivery.
+            self._note_attempt(key)
+            try:
+                letter = self._letter(message, rejection, stub=stub, budget=budget)
+                await _publish_confirmed(
+                    self._dlx, letter, routing_key=rejection.consumer, mandatory=True
+                )
+            except _REFUSED as exc:
+                refused = exc
+                log.warning(
+                    "trusthop: %s dead letter for %r not published: %r",
+                    "stub" if stub else "full",
+                    rejection.consumer,
+                    exc,
+                )
+                continue
+            self._letter_attempts.pop(key, None)
+            await message.ack()
+            self.stats.dead_lettered[rejection.reason] += 1
+            return
+        assert refused is not None
+        if message.redelivered and self._letter_attempts.get(key, 0) >= 2:
+            await self._abandon(message, rejection, key, self._letter_attempts[key])
+            return
+        raise refused
+
+    def _note_attempt(self, key: str) -> None:
+        self._letter_attempts[key] = self._letter_attempts.get(key, 0) + 1
+        self._letter_attempts.move_to_end(key)
+        while len(self._letter_attempts) > _ATTEMPTS_REMEMBERED:
+            self._letter_attempts.popitem(last=False)
+
+    async def _abandon(
+        self, message: AbstractIncomingMessage, rejection: Rejection, key: str, tried: int
+    ) -> None:
+        """Reject without requeue a message whose dead letter cannot be published."""
+        log.error(
+            "trusthop: abandoning message from %s on %r (%s: %s): its dead letter failed "
+            "%d times; rejected without requeue (lost unless the queue has its own "
+            "x-dead-letter-exchange)",
+            rejection.source,
+            rejection.consumer,
+            rejection.reason.value,
+            rejection.detail,
+            tried,
+        )
+        await message.reject(requeue=False)
+        self._letter_attempts.pop(key, None)
+        self.stats.abandoned += 1
+
+    async def _frame_max(self) -> int | None:
+        """The connection's negotiated ``frame_max``, or ``None`` when unknown."""
+        try:
+            underlay = await self.channel.get_underlay_channel()
+            frame_max = underlay.connection.connection_tune.frame_max
+        except Exception:  # a stand-in channel, or a connection being replaced
+            return None
+        return frame_max if isinstance(frame_max, int) else None
+
+    @staticmethod
+    def _letter(
+        message: AbstractIncomingMessage, rejection: Rejection, *, stub: bool, budget: int
+    ) -> aio_pika.Message:
+        if stub:
+            return aio_pika.Message(
+                message.body,
+                headers=minimal_dead_letter_headers(message.headers, rejection),
+                content_type=_text(message.content_type),
+                content_encoding=_text(message.content_encoding),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                correlation_id=_text(message.correlation_id),
+                message_id=_text(message.message_id),
+                type=_text(message.type),
+                app_id=_text(message.app_id),
+            )
+        return aio_pika.Message(
             message.body,
-            headers=dead_letter_headers(message.headers, rejection),
+            headers=dead_letter_headers(message.headers, rejection, max_bytes=budget),
             content_type=message.content_type,
             content_encoding=message.content_encoding,
             delivery_mode=message.delivery_mode,
@@ -356,6 +558,3 @@ class TrustedWorker:
             type=message.type,
             app_id=message.app_id,
         )
-        await _publish_confirmed(self._dlx, letter, routing_key=rejection.consumer, mandatory=True)
-        await message.ack()
-        self.stats.dead_lettered[rejection.reason] += 1
