@@ -32,10 +32,13 @@ from trusthop.destination import kafka_destination
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
 from trusthop.kafka import (
+    H_ORIGINAL,
+    H_ORIGINAL_BYTES,
     KafkaDelivery,
     KafkaRecord,
     TrustedKafkaConsumer,
     TrustedKafkaProducer,
+    record_size,
     verify_record,
 )
 from trusthop.keys import SigningKey
@@ -335,8 +338,9 @@ async def test_attacks_are_dead_lettered_with_reason_and_original_bytes(
     assert tampered_value != tampered.value
 
     # tampered structured-mode document
-    tampered_s = edge_structured.seal(topic, order_event("tampered-s"), origin=origin,
-                                      key="tampered-s")
+    tampered_s = edge_structured.seal(
+        topic, order_event("tampered-s"), origin=origin, key="tampered-s"
+    )
     tampered_s_value = tampered_s.value.replace(b"9.99", b"0.01")
     assert tampered_s_value != tampered_s.value
 
@@ -350,8 +354,9 @@ async def test_attacks_are_dead_lettered_with_reason_and_original_bytes(
 
     # scope widened by a legitimate key: built by hand (append_hop refuses it)
     narrow = TrustedKafkaProducer(signer=ChainSigner(EDGE), producer=object())
-    narrow_first = narrow.seal(elsewhere, order_event("narrow"), origin=origin,
-                               scope={"orders:read"})
+    narrow_first = narrow.seal(
+        elsewhere, order_event("narrow"), origin=origin, scope={"orders:read"}
+    )
     narrow_parent = verify_record(
         verifier(), topic=elsewhere, headers=narrow_first.headers, value=narrow_first.value
     ).context
@@ -374,40 +379,108 @@ async def test_attacks_are_dead_lettered_with_reason_and_original_bytes(
     no_chain = sealed("no-chain")
     garbage = sealed("garbage")
     valid_hostile = sealed("valid-hostile")
+    # A verdict planted by the sender: every trusthop-* header, any case, is dropped.
+    forged = edge.seal(elsewhere, order_event("forged"), origin=origin)
+    forged_headers: list[tuple[str, bytes | None]] = [
+        ("trusthop-reason", b"handler_failed"),
+        ("TrustHop-Detail", b"forged by the sender"),
+        ("trusthop-source", b"kafka:" + topic.encode()),
+        ("trusthop-original", b"other/0/0"),
+        *forged.headers,
+        ("trusthop-attempts", b"99"),
+    ]
 
     cases: list[tuple[str, Reason | None, RawRecord]] = [
         ("valid-1", None, (b"valid-1", *_kv(sealed("valid-1")))),
         ("tampered", Reason.EVENT_MISMATCH, (b"tampered", tampered_value, list(tampered.headers))),
-        ("tampered-s", Reason.EVENT_MISMATCH,
-         (b"tampered-s", tampered_s_value, list(tampered_s.headers))),
-        ("unknown-key", Reason.UNKNOWN_KEY,
-         (b"unknown-key", *_kv(rogue.seal(topic, order_event("rogue"), origin=origin)))),
-        ("wrong-destination", Reason.WRONG_DESTINATION,
-         (b"wrong-destination", *_kv(edge.seal(elsewhere, order_event("replay"), origin=origin)))),
-        ("broken-link", Reason.BROKEN_LINK,
-         (b"broken-link", derived.value, with_header(derived, "ce_trustchain", spliced))),
-        ("scope-escalation", Reason.SCOPE_ESCALATION,
-         (b"scope-escalation", widened.value,
-          with_header(widened, "ce_trustchain", widened_chain))),
-        ("missing-chain", Reason.MISSING_CHAIN,
-         (b"missing-chain", no_chain.value, with_header(no_chain, "ce_trustchain", None))),
-        ("garbage-chain", Reason.MALFORMED,
-         (b"garbage-chain", garbage.value,
-          with_header(garbage, "ce_trustchain", b"!!not base64url!!"))),
-        ("null-ce-header", Reason.MALFORMED,
-         (b"null-ce-header", garbage.value, [*garbage.headers[:1], ("ce_id", None)])),
-        ("non-utf8", Reason.MALFORMED,
-         (b"non-utf8", garbage.value, [*with_header(garbage, "ce_source", b"\xff\xfe\x80")])),
-        ("repeated-key", Reason.MALFORMED,
-         (b"repeated-key", garbage.value, [*garbage.headers, ("ce_id", b"second-id")])),
-        ("not-a-cloudevent", Reason.MALFORMED,
-         (b"not-a-cloudevent", b"hello, world", [("x-trace", None), ("x-bin", b"\x00\xff")])),
+        (
+            "tampered-s",
+            Reason.EVENT_MISMATCH,
+            (b"tampered-s", tampered_s_value, list(tampered_s.headers)),
+        ),
+        (
+            "unknown-key",
+            Reason.UNKNOWN_KEY,
+            (b"unknown-key", *_kv(rogue.seal(topic, order_event("rogue"), origin=origin))),
+        ),
+        (
+            "wrong-destination",
+            Reason.WRONG_DESTINATION,
+            (
+                b"wrong-destination",
+                *_kv(edge.seal(elsewhere, order_event("replay"), origin=origin)),
+            ),
+        ),
+        (
+            "broken-link",
+            Reason.BROKEN_LINK,
+            (b"broken-link", derived.value, with_header(derived, "ce_trustchain", spliced)),
+        ),
+        (
+            "scope-escalation",
+            Reason.SCOPE_ESCALATION,
+            (
+                b"scope-escalation",
+                widened.value,
+                with_header(widened, "ce_trustchain", widened_chain),
+            ),
+        ),
+        (
+            "missing-chain",
+            Reason.MISSING_CHAIN,
+            (b"missing-chain", no_chain.value, with_header(no_chain, "ce_trustchain", None)),
+        ),
+        (
+            "garbage-chain",
+            Reason.MALFORMED,
+            (
+                b"garbage-chain",
+                garbage.value,
+                with_header(garbage, "ce_trustchain", b"!!not base64url!!"),
+            ),
+        ),
+        (
+            "null-ce-header",
+            Reason.MALFORMED,
+            (b"null-ce-header", garbage.value, [*garbage.headers[:1], ("ce_id", None)]),
+        ),
+        (
+            "non-utf8",
+            Reason.MALFORMED,
+            (b"non-utf8", garbage.value, [*with_header(garbage, "ce_source", b"\xff\xfe\x80")]),
+        ),
+        (
+            "repeated-key",
+            Reason.MALFORMED,
+            (b"repeated-key", garbage.value, [*garbage.headers, ("ce_id", b"second-id")]),
+        ),
+        (
+            "not-a-cloudevent",
+            Reason.MALFORMED,
+            (b"not-a-cloudevent", b"hello, world", [("x-trace", None), ("x-bin", b"\x00\xff")]),
+        ),
         ("null-null", Reason.MALFORMED, (None, None, [])),
+        (
+            "forged-verdict",
+            Reason.WRONG_DESTINATION,
+            (b"forged-verdict", forged.value, forged_headers),
+        ),
         # Foreign headers with None, non-UTF-8 and repeated keys are ignored.
-        ("valid-hostile", None,
-         (b"valid-hostile", valid_hostile.value,
-          [("x-null", None), *valid_hostile.headers, ("x-bin", b"\xff\x00"),
-           ("x-bin", b"again"), ("trusthop-reason", b"spoofed")])),
+        (
+            "valid-hostile",
+            None,
+            (
+                b"valid-hostile",
+                valid_hostile.value,
+                [
+                    ("x-null", None),
+                    *valid_hostile.headers,
+                    ("x-bin", b"\xff\x00"),
+                    ("x-bin", b"again"),
+                    ("trusthop-reason", b"spoofed"),
+                ],
+            ),
+        ),
         ("valid-2", None, (b"valid-2", *_kv(sealed("valid-2")))),
     ]
     await publish_raw(kafka_bootstrap, topic, [raw for _, _, raw in cases])
@@ -428,7 +501,8 @@ async def test_attacks_are_dead_lettered_with_reason_and_original_bytes(
     assert stats.dead_lettered == expected_dead
     assert stats.handled + stats.dead_lettered_total == len(cases)  # nothing lost
 
-    # Every dead letter: original key, value and headers byte for byte, then the verdict.
+    # Every dead letter: original key, value and headers byte for byte (minus
+    # any trusthop-* header the sender put there), then the verdict, once.
     dead = await read_topic(kafka_bootstrap, f"{topic}.dlq", sum(expected_dead.values()))
     by_key = {record.key: record for record in dead}
     assert len(by_key) == len(dead)
@@ -439,14 +513,21 @@ async def test_attacks_are_dead_lettered_with_reason_and_original_bytes(
         record = by_key[key]
         assert record.value == value, label
         got = list(record.headers)
-        assert got[: len(headers)] == list(headers), label
-        verdict = dict(got[len(headers):])
-        assert set(verdict) == set(TRUSTHOP_HEADERS), label
+        kept = [(k, v) for k, v in headers if not k.lower().startswith("trusthop-")]
+        assert got[: len(kept)] == kept, label
+        assert [k for k, _ in got[len(kept) :]] == list(TRUSTHOP_HEADERS), label
+        verdict = dict(got[len(kept) :])
         assert verdict[H_REASON] == reason.value.encode(), (label, verdict[H_DETAIL])
         assert verdict[H_SOURCE] == kafka_destination(topic).encode()
         assert verdict[H_CONSUMER] == group.encode()
         assert verdict[H_ATTEMPTS] == b"1"
         assert verdict[H_DETAIL]
+    # A reader taking the first trusthop-reason reads the consumer's verdict.
+    forged_letter = by_key[b"forged-verdict"].headers
+    assert next(v for k, v in forged_letter if k == H_REASON) == b"wrong_destination"
+    assert [k for k, _ in forged_letter if k.lower().startswith("trusthop-")] == list(
+        TRUSTHOP_HEADERS
+    )
 
     # Every offset of the topic is committed: handled and dead-lettered alike.
     committed = await committed_offsets(kafka_bootstrap, group, topic)
@@ -455,6 +536,156 @@ async def test_attacks_are_dead_lettered_with_reason_and_original_bytes(
 
 def _kv(record: KafkaRecord) -> tuple[bytes, list[tuple[str, bytes | None]]]:
     return record.value, list(record.headers)
+
+
+# --------------------------------------------------------------------------- #
+# no record stops or stalls the consumer
+# --------------------------------------------------------------------------- #
+
+
+SURROGATE_DOC = b'{"specversion":"1.0","id":"\\ud800","source":"/x","type":"t","trustchain":"AAAA"}'
+STRUCTURED_HEADERS: list[tuple[str, bytes | None]] = [
+    ("content-type", b"application/cloudevents+json")
+]
+
+
+async def test_poison_records_are_dead_lettered_and_the_consumer_moves_on(
+    kafka_bootstrap: str, unique_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic, group = f"{unique_name}-orders", f"{unique_name}-svc"
+    edge = TrustedKafkaProducer(signer=ChainSigner(EDGE), producer=object())
+    origin = origin_ring()
+    bug = edge.seal(topic, order_event("bug"), origin=origin, key="bug")
+    valid = edge.seal(topic, order_event("valid"), origin=origin, key="valid")
+
+    # A verification bug on one record (a perfectly valid one): whatever the
+    # core raises besides TrustError must not stop or stall the consumer.
+    import trusthop.kafka.consumer as consumer_module
+
+    real_verify = consumer_module.verify_record
+
+    def buggy_verify(verifier: ChainVerifier, **kwargs: Any) -> Any:
+        if kwargs["value"] == bug.value:
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return real_verify(verifier, **kwargs)
+
+    monkeypatch.setattr(consumer_module, "verify_record", buggy_verify)
+
+    cases: list[RawRecord] = [
+        # A lone surrogate in structured mode (a TrustError or a decoder bug,
+        # depending on the core: malformed either way).
+        (b"surrogate", SURROGATE_DOC, STRUCTURED_HEADERS),
+        (b"bug", bug.value, list(bug.headers)),
+        (b"valid", valid.value, list(valid.headers)),
+    ]
+    await publish_raw(kafka_bootstrap, topic, cases)
+    handled: list[bytes] = []
+
+    async def handle(delivery: KafkaDelivery) -> None:
+        handled.append(delivery.record.key)
+
+    async with consumer(kafka_bootstrap, topic, group=group) as trusted:
+        settled = await asyncio.wait_for(trusted.run(handle, limit=3), RECEIVE_TIMEOUT)
+    assert settled == 3
+    assert handled == [b"valid"]
+    assert trusted.stats.dead_lettered == {Reason.MALFORMED: 2}
+
+    dead = {r.key: r for r in await read_topic(kafka_bootstrap, f"{topic}.dlq", 2)}
+    assert set(dead) == {b"surrogate", b"bug"}
+    assert dead[b"surrogate"].value == SURROGATE_DOC
+    assert header_map(dead[b"surrogate"].headers)[H_REASON] == b"malformed"
+    bug_letter = header_map(dead[b"bug"].headers)
+    assert bug_letter[H_REASON] == b"malformed"
+    assert bug_letter[H_DETAIL] == b"undecodable record (UnicodeEncodeError)"
+    assert dead[b"bug"].value == bug.value
+    # Every offset committed: a restart does not meet the poison again.
+    assert only_partition_zero(await committed_offsets(kafka_bootstrap, group, topic)) == 3
+
+
+async def test_a_dead_letter_over_the_request_size_is_written_as_a_stub(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
+    topic, group = f"{unique_name}-orders", f"{unique_name}-svc"
+    edge = TrustedKafkaProducer(signer=ChainSigner(EDGE), producer=object())
+    valid = edge.seal(topic, order_event("valid"), origin=origin_ring(), key="valid")
+    cases: list[RawRecord] = [
+        # Over the dead-letter producer's 4 KiB limit, by value or by headers
+        # (null key and value: written as a batch).
+        (b"big", b"x" * 8000, [("x-h", b"1"), ("trusthop-reason", b"handler_failed")]),
+        (None, None, [("x-pad", b"p" * 8000)]),
+        # Under it: a full dead letter as usual.
+        (b"small", b"not an event", [("x-h", b"2")]),
+        (b"valid", valid.value, list(valid.headers)),
+    ]
+    await publish_raw(kafka_bootstrap, topic, cases)
+    handled: list[bytes] = []
+
+    async def handle(delivery: KafkaDelivery) -> None:
+        handled.append(delivery.record.key)
+
+    trusted = consumer(kafka_bootstrap, topic, group=group, dead_letter_max_request_size=4096)
+    async with trusted:
+        settled = await asyncio.wait_for(trusted.run(handle, limit=4), RECEIVE_TIMEOUT)
+    assert settled == 4
+    assert handled == [b"valid"]
+    assert trusted.stats.dead_lettered == {Reason.MALFORMED: 3}
+    assert trusted.stats.dead_letter_stubs == 2
+
+    dead = await read_topic(kafka_bootstrap, f"{topic}.dlq", 3)
+    [full] = [r for r in dead if r.key is not None]
+    assert (full.key, full.value) == (b"small", b"not an event")
+    assert full.headers[0] == ("x-h", b"2")
+    stubs = sorted(
+        (r for r in dead if r.key is None), key=lambda r: header_map(r.headers)[H_ORIGINAL]
+    )
+    assert len(stubs) == 2
+    for offset, stub in enumerate(stubs):
+        key, value, headers = cases[offset]
+        assert stub.value is None
+        assert [k for k, _ in stub.headers] == [*TRUSTHOP_HEADERS, H_ORIGINAL, H_ORIGINAL_BYTES]
+        verdict = header_map(stub.headers)
+        assert verdict[H_REASON] == b"malformed"
+        assert verdict[H_SOURCE] == kafka_destination(topic).encode()
+        assert verdict[H_CONSUMER] == group.encode()
+        assert verdict[H_ORIGINAL] == f"{topic}/0/{offset}".encode()
+        assert verdict[H_ORIGINAL_BYTES] == str(record_size(key, value, headers)).encode()
+    assert only_partition_zero(await committed_offsets(kafka_bootstrap, group, topic)) == 4
+
+
+async def test_a_rejected_record_over_one_mebibyte_is_dead_lettered_in_full(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
+    # aiokafka's producer refuses 1 MiB by default; the dead-letter producer
+    # takes twice that, so a large reject is not cut down to a stub.
+    topic, group = f"{unique_name}-orders", f"{unique_name}-svc"
+    big = b"A" * 1_100_000
+    edge = TrustedKafkaProducer(signer=ChainSigner(EDGE), producer=object())
+    valid = edge.seal(topic, order_event("valid"), origin=origin_ring(), key="valid")
+    client = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, acks="all", max_request_size=4_000_000
+    )
+    await client.start()
+    try:
+        await client.send_and_wait(topic, big, key=b"big", headers=[("ce_id", b"a")], partition=0)
+        await client.send_and_wait(
+            topic, valid.value, key=b"valid", headers=valid.headers, partition=0
+        )
+    finally:
+        await client.stop()
+    handled: list[bytes] = []
+
+    async def handle(delivery: KafkaDelivery) -> None:
+        handled.append(delivery.record.key)
+
+    async with consumer(kafka_bootstrap, topic, group=group) as trusted:
+        settled = await asyncio.wait_for(trusted.run(handle, limit=2), RECEIVE_TIMEOUT)
+    assert settled == 2
+    assert handled == [b"valid"]
+    assert trusted.stats.dead_letter_stubs == 0
+    [dead] = await read_topic(kafka_bootstrap, f"{topic}.dlq", 1)
+    assert (dead.key, dead.value) == (b"big", big)
+    assert header_map(dead.headers)[H_REASON] == b"malformed"
+    assert only_partition_zero(await committed_offsets(kafka_bootstrap, group, topic)) == 2
 
 
 # --------------------------------------------------------------------------- #
@@ -579,8 +810,12 @@ async def test_run_retries_the_handler_then_dead_letters_handler_failed(
     assert verdict[H_DETAIL] == b"RuntimeError: cannot process poison"
     assert verdict["content-type"] == b"application/cloudevents+json"
     # The dead letter still verifies as the record it was on its source topic.
-    trusted_again = verify_record(verifier(), topic=topic, headers=[
-        h for h in dead.headers if not h[0].startswith("trusthop-")], value=dead.value)
+    trusted_again = verify_record(
+        verifier(),
+        topic=topic,
+        headers=[h for h in dead.headers if not h[0].startswith("trusthop-")],
+        value=dead.value,
+    )
     assert trusted_again.event.get_subject() == "poison"
 
 
@@ -598,20 +833,30 @@ async def test_producer_size_budget_counts_headers(kafka_bootstrap: str, unique_
             await edge.send_and_wait(topic, big_header, origin=origin_ring())
         assert info.value.reason is Reason.TOO_LARGE
         big_value = CloudEvent(
-            {"id": "big", "source": "/shop", "type": "t", "specversion": "1.0",
-             "datacontenttype": "application/octet-stream"},
+            {
+                "id": "big",
+                "source": "/shop",
+                "type": "t",
+                "specversion": "1.0",
+                "datacontenttype": "application/octet-stream",
+            },
             b"\x00" * 5000,
         )
         with pytest.raises(TrustError) as info:
             await edge.send(topic, big_value, origin=origin_ring())
         assert info.value.reason is Reason.TOO_LARGE
         # A record under the budget goes through, and it is the topic's first.
-        small = await edge.send_and_wait(topic, order_event("small"), origin=origin_ring(),
-                                         partition=0)
+        small = await edge.send_and_wait(
+            topic, order_event("small"), origin=origin_ring(), partition=0
+        )
     assert small.offset == 0
     [record] = await read_topic(kafka_bootstrap, topic, 1)
-    assert record.value == json.dumps({"order": "small", "total": "9.99"},
-                                      sort_keys=True, separators=(",", ":")).encode()
+    assert (
+        record.value
+        == json.dumps(
+            {"order": "small", "total": "9.99"}, sort_keys=True, separators=(",", ":")
+        ).encode()
+    )
 
 
 async def test_producer_refuses_scope_escalation_at_send_time(
@@ -632,12 +877,12 @@ async def test_producer_refuses_scope_escalation_at_send_time(
         assert info.value.reason is Reason.SCOPE_ESCALATION
         with pytest.raises(ValueError, match="exactly one"):
             await orders.send_and_wait(topic, order_event("derived"))
-        ok = await orders.send_and_wait(topic, order_event("derived"), parent=parent,
-                                        partition=0)
+        ok = await orders.send_and_wait(topic, order_event("derived"), parent=parent, partition=0)
     assert ok.offset == 0  # the refused sends never reached the broker
     [record] = await read_topic(kafka_bootstrap, topic, 1)
-    context = verify_record(verifier(), topic=topic, headers=record.headers,
-                            value=record.value).context
+    context = verify_record(
+        verifier(), topic=topic, headers=record.headers, value=record.value
+    ).context
     assert context.scope == {"orders:read"}
     assert context.actors == (EDGE.actor, EDGE.actor, ORDERS.actor)
 

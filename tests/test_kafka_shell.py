@@ -7,7 +7,10 @@ against an in-memory stand-in for ``AIOKafkaConsumer``.
 * dead-letter headers and topic names, constructor refusals;
 * the consumer's commit / rewind logic in paths a real broker cannot be made
   to take on demand (a dead-letter write that fails, a cancelled handler,
-  a revoked partition, a refused commit).
+  a revoked partition, a refused commit);
+* no record can stop or stall the consumer: a decoder or verifier bug, a
+  dead letter too large to send (stub), a handler message that cannot be
+  encoded.
 
 The broker-facing behaviour is in ``integration/test_kafka.py``.
 """
@@ -17,12 +20,18 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaTimeoutError
+from aiokafka.errors import (
+    CommitFailedError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 from aiokafka.structs import ConsumerRecord
 from chainkit import BUNDLE, EDGE, MALLORY_KEY, NOW, ORDERS, S0, S2, T0
 from cloudevents.core.v1.event import CloudEvent
@@ -32,12 +41,17 @@ from hypothesis import strategies as st
 from trusthop.destination import kafka_destination
 from trusthop.errors import Reason, TrustError
 from trusthop.kafka import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    H_ORIGINAL,
+    H_ORIGINAL_BYTES,
     KafkaDelivery,
     TrustedKafkaConsumer,
     TrustedKafkaProducer,
     dead_letter_headers,
+    default_dead_letter_max_request_size,
     default_dead_letter_topic,
     record_size,
+    stub_dead_letter_headers,
     verify_record,
 )
 from trusthop.pipeline import (
@@ -102,8 +116,9 @@ STRUCTURED = sealer(structured=True).seal(TOPIC, event(), origin=ORIGIN)
 # --------------------------------------------------------------------------- #
 
 
-def only_trust_errors(headers: Sequence[tuple[str, bytes | None]] | None,
-                      value: bytes | None) -> Reason | None:
+def only_trust_errors(
+    headers: Sequence[tuple[str, bytes | None]] | None, value: bytes | None
+) -> Reason | None:
     try:
         verify_record(VERIFIER, topic=TOPIC, headers=headers, value=value)
     except TrustError as error:
@@ -114,35 +129,83 @@ def only_trust_errors(headers: Sequence[tuple[str, bytes | None]] | None,
 
 def test_sealed_records_verify_in_both_modes() -> None:
     for record in (BINARY, STRUCTURED):
-        trusted = verify_record(VERIFIER, topic=TOPIC, headers=record.headers,
-                                value=record.value)
+        trusted = verify_record(VERIFIER, topic=TOPIC, headers=record.headers, value=record.value)
         assert trusted.context.destination == kafka_destination(TOPIC)
         assert trusted.event.get_data() == {"order": 42}
     assert [k for k, _ in STRUCTURED.headers] == ["content-type"]
     assert ("ce_id", b"evt-1") in BINARY.headers
 
 
-HEADER_NAMES = st.sampled_from([
-    "ce_id", "ce_source", "ce_type", "ce_specversion", "ce_trustchain", "ce_time",
-    "ce_traceparent", "ce_partitionkey", "ce_", "ce_UPPER", "ce_na\u00efve", "Ce_id", "CE_ID",
-    "content-type", "Content-Type", "x-foo", "trusthop-reason", "",
-]) | st.text(max_size=12)
-HEADER_VALUES = st.none() | st.binary(max_size=40) | st.sampled_from([
-    b"1.0", b"evt-1", b"/shop", b"order.placed", b"application/json",
-    b"application/cloudevents+json", b"application/cloudevents+json; charset=utf-8",
-    b"2026-01-01T00:00:10Z", b"2026-13-45T99:00:00Z", b"0000-01-01T00:00:00+23:59",
-    b"\xff\xfe", b"\xc3\x28", b"\x00", b"AA", b"!!", b"kQE",
-    dict(BINARY.headers)["ce_trustchain"],
-])
+HEADER_NAMES = st.sampled_from(
+    [
+        "ce_id",
+        "ce_source",
+        "ce_type",
+        "ce_specversion",
+        "ce_trustchain",
+        "ce_time",
+        "ce_traceparent",
+        "ce_partitionkey",
+        "ce_",
+        "ce_UPPER",
+        "ce_na\u00efve",
+        "Ce_id",
+        "CE_ID",
+        "content-type",
+        "Content-Type",
+        "x-foo",
+        "trusthop-reason",
+        "",
+    ]
+) | st.text(max_size=12)
+HEADER_VALUES = (
+    st.none()
+    | st.binary(max_size=40)
+    | st.sampled_from(
+        [
+            b"1.0",
+            b"evt-1",
+            b"/shop",
+            b"order.placed",
+            b"application/json",
+            b"application/cloudevents+json",
+            b"application/cloudevents+json; charset=utf-8",
+            b"2026-01-01T00:00:10Z",
+            b"2026-13-45T99:00:00Z",
+            b"0000-01-01T00:00:00+23:59",
+            b"\xff\xfe",
+            b"\xc3\x28",
+            b"\x00",
+            b"AA",
+            b"!!",
+            b"kQE",
+            dict(BINARY.headers)["ce_trustchain"],
+        ]
+    )
+)
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 STRUCTURED_DOCS = st.dictionaries(
-    st.sampled_from(["id", "source", "type", "specversion", "trustchain", "data",
-                     "data_base64", "datacontenttype", "time", "Bad", "x"]),
+    st.sampled_from(
+        [
+            "id",
+            "source",
+            "type",
+            "specversion",
+            "trustchain",
+            "data",
+            "data_base64",
+            "datacontenttype",
+            "time",
+            "Bad",
+            "x",
+        ]
+    ),
     JSON,
     max_size=8,
 ).map(lambda d: json.dumps(d).encode())
@@ -165,8 +228,9 @@ def test_mutated_valid_records_only_raise_trust_errors(data: st.DataObject) -> N
     headers: list[tuple[str, bytes | None]] = list(base.headers)
     value: bytes | None = base.value
     for _ in range(data.draw(st.integers(1, 4))):
-        action = data.draw(st.sampled_from(
-            ["drop", "duplicate", "replace", "insert", "value", "flip", "truncate"]))
+        action = data.draw(
+            st.sampled_from(["drop", "duplicate", "replace", "insert", "value", "flip", "truncate"])
+        )
         if action == "drop" and headers:
             headers.pop(data.draw(st.integers(0, len(headers) - 1)))
         elif action == "duplicate" and headers:
@@ -180,7 +244,7 @@ def test_mutated_valid_records_only_raise_trust_errors(data: st.DataObject) -> N
             value = data.draw(VALUES)
         elif action == "flip" and value:
             i = data.draw(st.integers(0, len(value) - 1))
-            value = value[:i] + bytes([value[i] ^ data.draw(st.integers(1, 255))]) + value[i + 1:]
+            value = value[:i] + bytes([value[i] ^ data.draw(st.integers(1, 255))]) + value[i + 1 :]
         elif action == "truncate" and value:
             value = value[: data.draw(st.integers(0, len(value) - 1))]
     only_trust_errors(headers, value)
@@ -192,10 +256,16 @@ def test_mutated_valid_records_only_raise_trust_errors(data: st.DataObject) -> N
         ([("ce_id", None)], b"{}", Reason.MALFORMED),
         ([*BINARY.headers, ("ce_id", b"again")], BINARY.value, Reason.MALFORMED),
         ([("CE_ID", b"x"), *BINARY.headers], BINARY.value, Reason.MALFORMED),
-        ([(k, b"\xff" if k == "ce_source" else v) for k, v in BINARY.headers], BINARY.value,
-         Reason.MALFORMED),
-        ([(k, v) for k, v in BINARY.headers if k != "ce_trustchain"], BINARY.value,
-         Reason.MISSING_CHAIN),
+        (
+            [(k, b"\xff" if k == "ce_source" else v) for k, v in BINARY.headers],
+            BINARY.value,
+            Reason.MALFORMED,
+        ),
+        (
+            [(k, v) for k, v in BINARY.headers if k != "ce_trustchain"],
+            BINARY.value,
+            Reason.MISSING_CHAIN,
+        ),
         (None, None, Reason.MALFORMED),
         ([], b"hello", Reason.MALFORMED),
         (STRUCTURED.headers, None, Reason.MALFORMED),
@@ -259,8 +329,9 @@ def test_budget_is_exact_and_counts_headers() -> None:
 
 
 def test_producer_refuses_what_every_consumer_would_reject() -> None:
-    parent = verify_record(VERIFIER, topic=TOPIC, headers=BINARY.headers,
-                           value=BINARY.value).context
+    parent = verify_record(
+        VERIFIER, topic=TOPIC, headers=BINARY.headers, value=BINARY.value
+    ).context
     orders = sealer(ORDERS)
     with pytest.raises(TrustError) as info:
         orders.seal("payments", event("e2"), parent=parent, scope={*S0, "admin"})
@@ -272,8 +343,9 @@ def test_producer_refuses_what_every_consumer_would_reject() -> None:
         sealer(ORDERS, limits=Limits(max_bytes=64)).seal("payments", event("e2"), parent=parent)
     assert info.value.reason is Reason.TOO_LARGE
     derived = orders.seal("payments", event("e2"), parent=parent, scope=S2)
-    context = verify_record(VERIFIER, topic="payments", headers=derived.headers,
-                            value=derived.value).context
+    context = verify_record(
+        VERIFIER, topic="payments", headers=derived.headers, value=derived.value
+    ).context
     assert context.scope == S2
     assert context.chain.hops[-1].consumed_event_id == "evt-1"
 
@@ -302,12 +374,19 @@ async def test_producer_constructor_refusals() -> None:
 
 
 def test_dead_letter_headers_keep_originals_and_end_with_the_verdict() -> None:
-    rejection = Rejection(Reason.BROKEN_LINK, "ring 2 \u2192 ring 1" + "x" * 600,
-                          "kafka:orders", GROUP, 1)
-    original: list[tuple[str, bytes | None]] = [
-        ("x", None), ("x", b"\xff"), ("trusthop-reason", b"spoofed")]
+    rejection = Rejection(
+        Reason.BROKEN_LINK, "ring 2 \u2192 ring 1" + "x" * 600, "kafka:orders", GROUP, 1
+    )
+    original: list[tuple[str, bytes | None]] = [("x", None), ("x", b"\xff"), ("ce_id", b"e")]
     headers = dead_letter_headers(original, rejection)
     assert headers[:3] == original
+    assert [name for name, _ in headers[3:]] == [
+        H_REASON,
+        H_DETAIL,
+        H_SOURCE,
+        H_CONSUMER,
+        H_ATTEMPTS,
+    ]
     verdict = dict(headers)
     assert verdict[H_REASON] == b"broken_link"
     assert verdict[H_SOURCE] == b"kafka:orders"
@@ -316,6 +395,64 @@ def test_dead_letter_headers_keep_originals_and_end_with_the_verdict() -> None:
     detail = verdict[H_DETAIL]
     assert detail is not None and len(detail.decode()) == 512
     assert dead_letter_headers(None, rejection)[0][0] == H_REASON
+
+
+FORGED: list[tuple[str, bytes | None]] = [
+    ("trusthop-reason", b"handler_failed"),
+    ("x-keep", b"1"),
+    ("TRUSTHOP-Detail", b"forged"),
+    ("Trusthop-Source", None),
+    ("trusthop-original", b"other/0/0"),
+    ("TRU\u017fTHOP-consumer", b"folds to trusthop-consumer"),
+    ("trusthop-", b""),
+    ("x-trusthop-reason", b"not ours: kept"),
+    ("trusthop_reason", b"not ours either: kept"),
+]
+
+
+def test_dead_letter_headers_drop_every_incoming_trusthop_header() -> None:
+    rejection = Rejection(Reason.WRONG_DESTINATION, "signed for kafka:other", "kafka:orders", GROUP)
+    headers = dead_letter_headers(FORGED, rejection)
+    assert headers[:3] == [
+        ("x-keep", b"1"),
+        ("x-trusthop-reason", b"not ours: kept"),
+        ("trusthop_reason", b"not ours either: kept"),
+    ]
+    own = [(name, value) for name, value in headers if name.casefold().startswith("trusthop-")]
+    assert own == headers[3:]
+    assert [name for name, _ in own] == [H_REASON, H_DETAIL, H_SOURCE, H_CONSUMER, H_ATTEMPTS]
+    # A reader taking the first trusthop-reason, or the last, reads the real verdict.
+    assert [v for k, v in headers if k == H_REASON] == [b"wrong_destination"]
+
+
+def test_verdict_headers_escape_what_utf8_cannot_encode() -> None:
+    rejection = Rejection(Reason.HANDLER_FAILED, "ValueError: id \ud800", "kafka:orders", GROUP)
+    assert dict(dead_letter_headers([], rejection))[H_DETAIL] == b"ValueError: id \\ud800"
+
+
+def test_stub_dead_letter_headers_name_the_original() -> None:
+    rejection = Rejection(Reason.MALFORMED, "no specversion", "kafka:orders", GROUP)
+    stub = stub_dead_letter_headers(
+        rejection, topic="orders", partition=3, offset=17, size=1_100_000
+    )
+    assert stub == [
+        *dead_letter_headers(None, rejection),
+        (H_ORIGINAL, b"orders/3/17"),
+        (H_ORIGINAL_BYTES, b"1100000"),
+    ]
+
+
+def test_default_dead_letter_request_size_holds_what_the_consumer_receives() -> None:
+    assert default_dead_letter_max_request_size({}) == 2 * DEFAULT_MAX_MESSAGE_BYTES
+    assert default_dead_letter_max_request_size({"max_partition_fetch_bytes": 1000}) == (
+        2 * DEFAULT_MAX_MESSAGE_BYTES
+    )
+    assert (
+        default_dead_letter_max_request_size(
+            {"max_partition_fetch_bytes": 10 * DEFAULT_MAX_MESSAGE_BYTES}
+        )
+        == 20 * DEFAULT_MAX_MESSAGE_BYTES
+    )
 
 
 async def test_consumer_constructor_contract() -> None:
@@ -330,17 +467,41 @@ async def test_consumer_constructor_contract() -> None:
     with pytest.raises(ValueError, match="group_id"):
         TrustedKafkaConsumer(TOPIC, verifier=VERIFIER, group_id="")
     consumer = TrustedKafkaConsumer(
-        TOPIC, "payments", verifier=VERIFIER, group_id=GROUP, enable_auto_commit=False,
+        TOPIC,
+        "payments",
+        verifier=VERIFIER,
+        group_id=GROUP,
+        enable_auto_commit=False,
         bootstrap_servers="broker:9092",
     )
     assert consumer.client._enable_auto_commit is False
     assert consumer.dead_letter_producer.client._bootstrap_servers == "broker:9092"
+    # The dead-letter producer takes a dead letter of a 1 MiB record (aiokafka: 1 MiB).
+    assert consumer.dead_letter_producer._max_request_size == 2 * DEFAULT_MAX_MESSAGE_BYTES
+    sized = TrustedKafkaConsumer(
+        TOPIC, verifier=VERIFIER, group_id=GROUP, dead_letter_max_request_size=4096
+    )
+    assert sized.dead_letter_producer._max_request_size == 4096
+    with pytest.raises(TypeError, match="not both"):
+        TrustedKafkaConsumer(
+            TOPIC,
+            verifier=VERIFIER,
+            group_id=GROUP,
+            dead_letter_producer=object(),
+            dead_letter_max_request_size=4096,
+        )
+    with pytest.raises(ValueError, match="positive"):
+        TrustedKafkaConsumer(
+            TOPIC, verifier=VERIFIER, group_id=GROUP, dead_letter_max_request_size=0
+        )
     assert consumer.dead_letter_topic_for(TOPIC) == "orders.dlq" == default_dead_letter_topic(TOPIC)
-    fixed = TrustedKafkaConsumer(TOPIC, verifier=VERIFIER, group_id=GROUP,
-                                 dead_letter_topic="all-rejects")
+    fixed = TrustedKafkaConsumer(
+        TOPIC, verifier=VERIFIER, group_id=GROUP, dead_letter_topic="all-rejects"
+    )
     assert fixed.dead_letter_topic_for("payments") == "all-rejects"
-    derived = TrustedKafkaConsumer(TOPIC, verifier=VERIFIER, group_id=GROUP,
-                                   dead_letter_topic=lambda t: f"dlq.{t}")
+    derived = TrustedKafkaConsumer(
+        TOPIC, verifier=VERIFIER, group_id=GROUP, dead_letter_topic=lambda t: f"dlq.{t}"
+    )
     assert derived.dead_letter_topic_for("payments") == "dlq.payments"
     with pytest.raises(RuntimeError, match="start"):
         await consumer.__anext__()
@@ -351,12 +512,26 @@ async def test_consumer_constructor_contract() -> None:
 # --------------------------------------------------------------------------- #
 
 
-def record(offset: int, headers: Sequence[tuple[str, bytes | None]], value: bytes | None,
-           *, key: bytes | None = None, partition: int = 0) -> ConsumerRecord[bytes, bytes]:
+def record(
+    offset: int,
+    headers: Sequence[tuple[str, bytes | None]],
+    value: bytes | None,
+    *,
+    key: bytes | None = None,
+    partition: int = 0,
+) -> ConsumerRecord[bytes, bytes]:
     return ConsumerRecord(
-        topic=TOPIC, partition=partition, offset=offset, timestamp=0, timestamp_type=0,
-        key=key, value=value, checksum=None, serialized_key_size=-1,
-        serialized_value_size=-1, headers=tuple(headers),
+        topic=TOPIC,
+        partition=partition,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=key,
+        value=value,
+        checksum=None,
+        serialized_key_size=-1,
+        serialized_value_size=-1,
+        headers=tuple(headers),
     )
 
 
@@ -390,7 +565,7 @@ class FakeConsumer:
     async def getmany(self, timeout_ms: int = 0) -> dict[TopicPartition, list[Any]]:
         out = {}
         for tp, records in self.log.items():
-            pending = records[self.position[tp]:]
+            pending = records[self.position[tp] :]
             if pending:
                 out[tp] = pending
                 self.position[tp] = len(records)
@@ -413,27 +588,76 @@ class FakeConsumer:
         return max(done) if done else None
 
 
-class FakeProducer:
-    """Dead-letter producer that can be told to fail the next N sends."""
-
+class FakeBatch:
     def __init__(self) -> None:
+        self.records: list[tuple[bytes | None, bytes | None, list[Any]]] = []
+
+    def append(
+        self, *, timestamp: Any, key: bytes | None, value: bytes | None, headers: list[Any]
+    ) -> object:
+        self.records.append((key, value, headers))
+        return object()
+
+
+class FakeProducer:
+    """Dead-letter producer: ``fail`` times out the next N sends; ``errors`` are
+    raised by the next sends, in order (``None``: that send succeeds)."""
+
+    def __init__(self, max_request_size: int | None = None) -> None:
         self.sent: list[tuple[str, bytes | None, bytes | None, list[Any]]] = []
         self.fail = 0
+        self.errors: list[Exception | None] = []
+        if max_request_size is not None:
+            self._max_request_size = max_request_size
 
-    async def send_and_wait(self, topic: str, *, value: bytes | None, key: bytes | None,
-                            headers: list[Any]) -> None:
+    def _maybe_fail(self) -> None:
+        if self.errors:
+            error = self.errors.pop(0)
+            if error is not None:
+                raise error
         if self.fail:
             self.fail -= 1
             raise KafkaTimeoutError("dead-letter topic unavailable")
+
+    async def send_and_wait(
+        self, topic: str, *, value: bytes | None, key: bytes | None, headers: list[Any]
+    ) -> None:
+        assert key is not None or value is not None  # as aiokafka requires
+        self._maybe_fail()
         self.sent.append((topic, key, value, headers))
 
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch()
 
-async def fake_consumer(records: Iterable[ConsumerRecord[bytes, bytes]],
-                        **kwargs: Any) -> tuple[TrustedKafkaConsumer, FakeConsumer, FakeProducer]:
-    dlq = FakeProducer()
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {1, 0}
+
+    async def send_batch(
+        self, batch: FakeBatch, topic: str, *, partition: int
+    ) -> asyncio.Future[None]:
+        assert partition == 0
+        self._maybe_fail()
+        [(key, value, headers)] = batch.records
+        self.sent.append((topic, key, value, headers))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+async def fake_consumer(
+    records: Iterable[ConsumerRecord[bytes, bytes]],
+    dlq_max_request_size: int | None = None,
+    **kwargs: Any,
+) -> tuple[TrustedKafkaConsumer, FakeConsumer, FakeProducer]:
+    dlq = FakeProducer(dlq_max_request_size)
     consumer = TrustedKafkaConsumer(
-        TOPIC, verifier=VERIFIER, group_id=GROUP, dead_letter_producer=dlq,
-        poll_timeout_ms=10, retry_delay=0, **kwargs,
+        TOPIC,
+        verifier=VERIFIER,
+        group_id=GROUP,
+        dead_letter_producer=dlq,
+        poll_timeout_ms=10,
+        retry_delay=0,
+        **kwargs,
     )
     fake = FakeConsumer(records)
     consumer._consumer = fake  # the stand-in replaces the aiokafka client
@@ -515,7 +739,11 @@ async def test_handler_failure_dead_letters_after_max_attempts() -> None:
     assert verdict[H_DETAIL] == b"ValueError: no stock"
     assert fake.committed_offset() == 1
     assert consumer.stats.as_dict() == {
-        "delivered": 1, "handled": 0, "retried": 1, "commit_failures": 0,
+        "delivered": 1,
+        "handled": 0,
+        "retried": 1,
+        "commit_failures": 0,
+        "dead_letter_stubs": 0,
         "dead_lettered": {"handler_failed": 1},
     }
 
@@ -580,3 +808,241 @@ async def test_an_open_delivery_belongs_to_the_task_that_got_it() -> None:
     assert fake.commits == []  # the other task could neither commit nor rewind it
     await consumer.commit()
     assert fake.committed_offset() == 1
+
+
+# --------------------------------------------------------------------------- #
+# no record can stop or stall the consumer
+# --------------------------------------------------------------------------- #
+
+
+def bug_on_poison(monkeypatch: pytest.MonkeyPatch, target: str, error: Exception) -> None:
+    """Make ``target`` (the decoder or the verifier) raise ``error`` on POISON's bytes.
+
+    The poison record carries a valid chain: only the injected bug rejects it.
+    """
+    module, _, name = target.rpartition(".")
+    if module == "verifier":
+        real = VERIFIER.verify
+
+        def verify(wire: Any, destination: str) -> Any:
+            if wire.attributes.get("id") == "poison":
+                raise error
+            return real(wire, destination)
+
+        monkeypatch.setattr(VERIFIER, "verify", verify)
+        return
+    import importlib
+
+    owner = importlib.import_module(module)
+    real_decode = getattr(owner, name)
+
+    def decode(headers: Any, value: Any) -> Any:
+        wire = real_decode(headers, value)
+        if wire.attributes.get("id") == "poison":
+            raise error
+        return wire
+
+    monkeypatch.setattr(owner, name, decode)
+
+
+POISONED = sealer().seal(TOPIC, event("poison"), origin=ORIGIN)
+POISON = record(0, POISONED.headers, POISONED.value, key=b"poison")
+BUGS = [
+    (
+        "trusthop.kafka.records.decode_kafka",
+        UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
+    ),
+    ("verifier.verify", RecursionError("maximum recursion depth exceeded")),
+    ("verifier.verify", KeyError("trustchain")),
+]
+
+
+@pytest.mark.parametrize(("target", "error"), BUGS, ids=["decoder", "verifier", "keyerror"])
+async def test_a_verification_bug_dead_letters_the_record_as_malformed_in_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, target: str, error: Exception
+) -> None:
+    consumer, fake, dlq = await fake_consumer([POISON, GOOD[1]])
+    bug_on_poison(monkeypatch, target, error)
+    seen: list[int] = []
+
+    async def handle(delivery: KafkaDelivery) -> None:
+        seen.append(delivery.offset)
+
+    with caplog.at_level(logging.ERROR, logger="trusthop.kafka.consumer"):
+        assert await asyncio.wait_for(consumer.run(handle, limit=2), 5) == 2
+    assert seen == [1]  # the record behind the poison is delivered
+    [(topic, key, value, headers)] = dlq.sent
+    assert (topic, key, value) == ("orders.dlq", b"poison", POISONED.value)
+    assert headers[: len(POISONED.headers)] == POISONED.headers
+    verdict = dict(headers)
+    assert verdict[H_REASON] == b"malformed"
+    assert verdict[H_DETAIL] == f"undecodable record ({type(error).__name__})".encode()
+    assert verdict[H_SOURCE] == b"kafka:orders"
+    assert fake.committed_offset() == 2
+    assert consumer.stats.dead_lettered == {Reason.MALFORMED: 1}
+    assert consumer.stats.handled == 1
+    # Logged as a bug, with its traceback.
+    [logged] = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.ERROR and r.name == "trusthop.kafka.consumer"
+    ]
+    assert logged.exc_info is not None and logged.exc_info[1] is error
+    assert "orders:0@0" in logged.getMessage()
+
+
+async def test_a_verification_bug_does_not_end_async_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    consumer, fake, dlq = await fake_consumer([POISON, GOOD[1], GOOD[2]])
+    bug_on_poison(monkeypatch, *BUGS[0])
+    first = await consumer.__anext__()
+    assert first.offset == 1
+    assert fake.committed_offset() == 1  # the poison, dead-lettered on the way
+    second = await consumer.__anext__()
+    assert second.offset == 2
+    assert fake.committed_offset() == 2
+    assert [dict(h)[H_REASON] for _, _, _, h in dlq.sent] == [b"malformed"]
+
+
+async def test_a_trust_error_is_still_its_own_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The net catches only what is not a TrustError.
+    consumer, _, dlq = await fake_consumer([POISON])
+    bug_on_poison(monkeypatch, "verifier.verify", TrustError(Reason.EXPIRED, "too late"))
+    assert await consumer.run(lambda d: asyncio.sleep(0), limit=1) == 1
+    [(_, _, _, headers)] = dlq.sent
+    assert dict(headers)[H_REASON] == b"expired"
+    assert dict(headers)[H_DETAIL] == b"too late"
+
+
+BIG = record(
+    0, [("x-big", b"h" * 600), ("trusthop-reason", b"handler_failed")], b"v" * 2000, key=b"big"
+)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MessageSizeTooLargeError("client-side: over max_request_size"),
+        MessageSizeTooLargeError(),  # as the broker's MESSAGE_TOO_LARGE (10) arrives
+        RecordListTooLargeError(),  # the broker's RECORD_LIST_TOO_LARGE (18)
+    ],
+    ids=["client", "broker-10", "broker-18"],
+)
+async def test_a_dead_letter_too_large_is_replaced_by_a_stub(
+    error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer, fake, dlq = await fake_consumer([BIG, GOOD[1]])
+    dlq.errors = [error]
+    seen: list[int] = []
+
+    async def handle(delivery: KafkaDelivery) -> None:
+        seen.append(delivery.offset)
+
+    with caplog.at_level(logging.ERROR, logger="trusthop.kafka.consumer"):
+        assert await asyncio.wait_for(consumer.run(handle, limit=2), 5) == 2
+    assert seen == [1]
+    [(topic, key, value, headers)] = dlq.sent
+    assert (topic, key, value) == ("orders.dlq", None, None)
+    size = record_size(BIG.key, BIG.value, BIG.headers)
+    rejection = Rejection(Reason.MALFORMED, "", "kafka:orders", GROUP)
+    names = [name for name, _ in headers]
+    assert names == [*dict(rejection.headers()), H_ORIGINAL, H_ORIGINAL_BYTES]
+    verdict = dict(headers)
+    assert verdict[H_REASON] == b"malformed"  # not the sender's forged handler_failed
+    assert verdict[H_ORIGINAL] == b"orders/0/0"
+    assert verdict[H_ORIGINAL_BYTES] == str(size).encode()
+    assert fake.committed_offset() == 2
+    assert consumer.stats.dead_letter_stubs == 1
+    assert consumer.stats.dead_lettered == {Reason.MALFORMED: 1}
+    assert any("stub" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+
+
+async def test_a_handler_failure_too_large_to_dead_letter_is_stubbed_too() -> None:
+    consumer, fake, dlq = await fake_consumer(GOOD[:2], max_attempts=1)
+    dlq.errors = [MessageSizeTooLargeError()]
+
+    async def fail_first(delivery: KafkaDelivery) -> None:
+        if delivery.offset == 0:
+            raise RuntimeError("no stock")
+
+    assert await consumer.run(fail_first, limit=2) == 2
+    [(_, key, value, headers)] = dlq.sent
+    assert (key, value) == (None, None)
+    verdict = dict(headers)
+    assert verdict[H_REASON] == b"handler_failed"
+    assert verdict[H_DETAIL] == b"RuntimeError: no stock"
+    assert verdict[H_ORIGINAL] == b"orders/0/0"
+    assert fake.committed_offset() == 2
+
+
+async def test_a_batch_dead_letter_over_the_request_size_is_stubbed() -> None:
+    # Null key and value: written as a batch, whose first record aiokafka never
+    # checks against max_request_size; the consumer does.
+    huge = record(0, [("x-pad", b"p" * 5000)], None)
+    consumer, fake, dlq = await fake_consumer([huge, GOOD[1]], dlq_max_request_size=4096)
+    assert await consumer.run(lambda d: asyncio.sleep(0), limit=2) == 2
+    [(_, key, value, headers)] = dlq.sent
+    assert (key, value) == (None, None)
+    assert "x-pad" not in dict(headers)
+    assert dict(headers)[H_ORIGINAL_BYTES] == b"5005"
+    assert fake.committed_offset() == 2
+    assert consumer.stats.dead_letter_stubs == 1
+
+
+async def test_a_small_null_null_dead_letter_is_written_in_full() -> None:
+    empty = record(0, [("x-pad", b"p")], None)
+    consumer, _, dlq = await fake_consumer([empty], dlq_max_request_size=4096)
+    assert await consumer.run(lambda d: asyncio.sleep(0), limit=1) == 1
+    [(_, key, value, headers)] = dlq.sent
+    assert (key, value) == (None, None)
+    assert headers[0] == ("x-pad", b"p")
+    assert H_ORIGINAL not in dict(headers)
+    assert consumer.stats.dead_letter_stubs == 0
+
+
+@pytest.mark.parametrize(
+    "errors",
+    [
+        [KafkaTimeoutError("broker down")],
+        [MessageSizeTooLargeError(), KafkaTimeoutError("broker down while writing the stub")],
+    ],
+    ids=["full", "stub"],
+)
+async def test_other_dead_letter_failures_commit_nothing(errors: list[Exception]) -> None:
+    consumer, fake, dlq = await fake_consumer([BIG, GOOD[1]])
+    dlq.errors = list(errors)
+    with pytest.raises(KafkaTimeoutError):
+        await consumer.run(lambda d: asyncio.sleep(0), limit=2)
+    assert fake.commits == [] and dlq.sent == []
+    assert consumer.stats.dead_lettered_total == 0 and consumer.stats.dead_letter_stubs == 0
+    # It comes again, and is dead-lettered once the broker is back.
+    assert await consumer.run(lambda d: asyncio.sleep(0), limit=2) == 2
+    assert [(k, dict(h)[H_REASON]) for _, k, _, h in dlq.sent] == [(b"big", b"malformed")]
+    assert fake.committed_offset() == 2
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+@pytest.mark.parametrize(
+    ("error", "detail"),
+    [
+        (ValueError("bad name \ud800"), b"ValueError: bad name \\ud800"),
+        (Unprintable(), b"Unprintable: <message not printable>"),
+    ],
+    ids=["surrogate", "unprintable"],
+)
+async def test_a_handler_message_that_cannot_be_encoded_is_still_dead_lettered(
+    error: Exception, detail: bytes
+) -> None:
+    consumer, fake, dlq = await fake_consumer(GOOD[:2], max_attempts=1)
+
+    async def fail_first(delivery: KafkaDelivery) -> None:
+        if delivery.offset == 0:
+            raise error
+
+    assert await consumer.run(fail_first, limit=2) == 2
+    [(_, _, _, headers)] = dlq.sent
+    assert dict(headers)[H_DETAIL] == detail
+    assert fake.committed_offset() == 2

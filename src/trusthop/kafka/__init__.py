@@ -17,10 +17,14 @@ with the reason code a consumer would give.
 Consumer side (:class:`TrustedKafkaConsumer`): auto-commit is always off.
 Every record is decoded and verified against ``kafka:<record.topic>`` before
 user code sees it. A record that fails (any :class:`TrustError`) is written to
-the dead-letter topic with its original key, value and headers plus the
-``trusthop-*`` headers of :class:`~trusthop.pipeline.Rejection`, awaited, and
-only then committed. A verified record becomes a :class:`KafkaDelivery`,
-consumed either with ``async for`` or by :meth:`TrustedKafkaConsumer.run`.
+the dead-letter topic with its original key, value and headers (minus any
+incoming ``trusthop-*`` ones) plus the ``trusthop-*`` headers of
+:class:`~trusthop.pipeline.Rejection`, awaited, and only then committed. A
+decoder bug (any other exception) dead-letters the record as ``malformed``;
+a dead letter too large to send is replaced by a stub naming the original's
+topic, partition and offset. No record that aiokafka can parse stops or
+stalls it. A verified record becomes a :class:`KafkaDelivery`, consumed either with
+``async for`` or by :meth:`TrustedKafkaConsumer.run`.
 At-least-once throughout: when in doubt an offset stays uncommitted and the
 record is delivered again, never dropped.
 """
@@ -34,15 +38,22 @@ from trusthop.kafka.consumer import (
 from trusthop.kafka.producer import TrustedKafkaProducer
 from trusthop.kafka.records import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    H_ORIGINAL,
+    H_ORIGINAL_BYTES,
     KafkaRecord,
     dead_letter_headers,
+    default_dead_letter_max_request_size,
     default_dead_letter_topic,
+    is_own_header,
     record_size,
+    stub_dead_letter_headers,
     verify_record,
 )
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "H_ORIGINAL",
+    "H_ORIGINAL_BYTES",
     "ConsumerStats",
     "Handler",
     "KafkaDelivery",
@@ -50,7 +61,10 @@ __all__ = [
     "TrustedKafkaConsumer",
     "TrustedKafkaProducer",
     "dead_letter_headers",
+    "default_dead_letter_max_request_size",
     "default_dead_letter_topic",
+    "is_own_header",
     "record_size",
+    "stub_dead_letter_headers",
     "verify_record",
 ]

@@ -3,12 +3,28 @@
 :class:`TrustedKafkaConsumer`: auto-commit is always off. Every record is
 decoded and verified against ``kafka:<record.topic>`` before user code sees
 it. A record that fails (any :class:`~trusthop.errors.TrustError`) is written
-to the dead-letter topic with its original key, value and headers plus the
-``trusthop-*`` headers of :class:`~trusthop.pipeline.Rejection`, awaited, and
-only then committed. A verified record becomes a :class:`KafkaDelivery`,
-consumed either with ``async for`` or by :meth:`TrustedKafkaConsumer.run`.
+to the dead-letter topic with its original key, value and headers (minus any
+``trusthop-*`` ones: a sender cannot forge a verdict) plus the ``trusthop-*``
+headers of :class:`~trusthop.pipeline.Rejection`, awaited, and only then
+committed. A verified record becomes a :class:`KafkaDelivery`, consumed
+either with ``async for`` or by :meth:`TrustedKafkaConsumer.run`.
 At-least-once throughout: when in doubt an offset stays uncommitted and the
 record is delivered again, never dropped.
+
+No record that aiokafka can parse stops or stalls the consumer (a header
+name that is not UTF-8 still makes ``getmany`` raise, inside aiokafka):
+
+* any other exception while decoding or verifying a record is a trusthop bug:
+  it is logged with its traceback and the record is dead-lettered as
+  ``malformed`` (the detail names the exception type), then committed;
+* a dead letter too large for the dead-letter producer or the broker (it is
+  always larger than its original) is replaced by a stub: no key, no value,
+  none of the original headers, the verdict plus ``trusthop-original``
+  (``<topic>/<partition>/<offset>``) and ``trusthop-original-bytes``; then
+  the record is committed.
+
+Only a dead-letter write that fails otherwise (broker down, timeout, missing
+authorisation) propagates, leaving the record uncommitted: it comes again.
 """
 
 from __future__ import annotations
@@ -24,11 +40,26 @@ from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, ConsumerStoppedError, IllegalStateError
+from aiokafka.errors import (
+    CommitFailedError,
+    ConsumerStoppedError,
+    IllegalStateError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from trusthop.destination import kafka_destination
 from trusthop.errors import Reason, TrustError
-from trusthop.kafka.records import dead_letter_headers, default_dead_letter_topic, verify_record
+from trusthop.kafka.records import (
+    dead_letter_headers,
+    default_dead_letter_max_request_size,
+    default_dead_letter_topic,
+    record_size,
+    stub_dead_letter_headers,
+    verify_record,
+)
 from trusthop.pipeline import ChainVerifier, DeliveryViews, Rejection, TrustedEvent
 
 log = logging.getLogger(__name__)
@@ -53,6 +84,24 @@ _CONNECTION_KWARGS = (
 )
 
 _MAX_RETRY_DELAY = 5.0
+
+# Produce errors meaning "this record is too large": aiokafka's client-side
+# check (MessageSizeTooLargeError) and the broker's MESSAGE_TOO_LARGE (10) and
+# RECORD_LIST_TOO_LARGE (18) error codes, which aiokafka raises as these classes.
+_SIZE_ERRNOS = frozenset({MessageSizeTooLargeError.errno, RecordListTooLargeError.errno})
+
+
+def _describe(error: BaseException) -> str:
+    """``<type>: <message>`` of a handler's exception; never raises (even if ``str`` does)."""
+    try:
+        return f"{type(error).__name__}: {error}"
+    except Exception:
+        return f"{type(error).__name__}: <message not printable>"
+
+
+def _is_size_error(exc: BaseException) -> bool:
+    """Whether a failed produce means the record is too large (not a broker outage)."""
+    return isinstance(exc, KafkaError) and getattr(exc, "errno", None) in _SIZE_ERRNOS
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +140,16 @@ class ConsumerStats:
     handler finished and were committed; ``dead_lettered`` counts by reason
     code (``Reason`` values; plain strings work as keys); ``retried`` counts
     handler re-attempts; ``commit_failures`` counts commits refused because a
-    rebalance moved the partition (the new owner redelivers the record).
+    rebalance moved the partition (the new owner redelivers the record);
+    ``dead_letter_stubs`` counts the dead letters (already in
+    ``dead_lettered``) written as a stub because the full one was too large.
     """
 
     delivered: int = 0
     handled: int = 0
     retried: int = 0
     commit_failures: int = 0
+    dead_letter_stubs: int = 0
     dead_lettered: Counter[Reason] = field(default_factory=Counter)
 
     @property
@@ -111,6 +163,7 @@ class ConsumerStats:
             "handled": self.handled,
             "retried": self.retried,
             "commit_failures": self.commit_failures,
+            "dead_letter_stubs": self.dead_letter_stubs,
             "dead_lettered": {str(k): v for k, v in sorted(self.dead_lettered.items())},
         }
 
@@ -155,15 +208,25 @@ class TrustedKafkaConsumer:
         dead_letter_producer: an existing started ``AIOKafkaProducer`` for dead
             letters (the caller's to start and stop); by default one is
             built on the consumer's connection settings with ``acks="all"``.
+            Give it a ``max_request_size`` above the largest record the
+            consumer can receive, or large rejects are dead-lettered as stubs.
+        dead_letter_max_request_size: ``max_request_size`` of the dead-letter
+            producer the consumer builds; default
+            :func:`default_dead_letter_max_request_size` (2 MiB unless
+            ``max_partition_fetch_bytes`` is larger). A dead letter over it,
+            or refused by the broker as too large, is written as a stub (see
+            :meth:`run`).
         **consumer_kwargs: forwarded to ``AIOKafkaConsumer`` (e.g.
             ``bootstrap_servers``, ``auto_offset_reset``,
             ``session_timeout_ms``); ``enable_auto_commit`` is forced off.
 
     Raises:
         ValueError: ``enable_auto_commit=True``, no topic, an empty
-            ``group_id``, ``max_attempts < 1``.
+            ``group_id``, ``max_attempts < 1``, a non-positive
+            ``dead_letter_max_request_size``.
         TypeError: a ``key_deserializer``/``value_deserializer`` (the
-            verifier needs the raw bytes).
+            verifier needs the raw bytes), or both ``dead_letter_producer``
+            and ``dead_letter_max_request_size``.
 
     Offsets: a delivery of ``async for`` is committed when the loop asks for
     the next one (its body finished), or when :meth:`commit` is awaited.
@@ -189,6 +252,7 @@ class TrustedKafkaConsumer:
         retry_delay: float = 0.05,
         poll_timeout_ms: int = 250,
         dead_letter_producer: Any = None,
+        dead_letter_max_request_size: int | None = None,
         **consumer_kwargs: Any,
     ) -> None:
         if not topics:
@@ -205,6 +269,13 @@ class TrustedKafkaConsumer:
                 raise TypeError(f"{name} is not supported: verification needs the raw bytes")
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if dead_letter_max_request_size is not None:
+            if dead_letter_producer is not None:
+                raise TypeError(
+                    "give either dead_letter_producer= or dead_letter_max_request_size=, not both"
+                )
+            if dead_letter_max_request_size <= 0:
+                raise ValueError("dead_letter_max_request_size must be positive")
         consumer_kwargs["enable_auto_commit"] = False
         self.topics = tuple(topics)
         self.verifier = verifier
@@ -218,8 +289,15 @@ class TrustedKafkaConsumer:
         self._owns_dlq = dead_letter_producer is None
         if dead_letter_producer is None:
             connection = {k: consumer_kwargs[k] for k in _CONNECTION_KWARGS if k in consumer_kwargs}
-            dead_letter_producer = AIOKafkaProducer(acks="all", **connection)
+            if dead_letter_max_request_size is None:
+                dead_letter_max_request_size = default_dead_letter_max_request_size(consumer_kwargs)
+            dead_letter_producer = AIOKafkaProducer(
+                acks="all", max_request_size=dead_letter_max_request_size, **connection
+            )
         self._dlq: Any = dead_letter_producer
+        # The size a batch append must stay under (aiokafka checks send(), not batches).
+        limit = getattr(dead_letter_producer, "_max_request_size", None)
+        self._dlq_max_request_size: int | None = limit if isinstance(limit, int) else None
         self._handler: Handler | None = None
         self._buffer: deque[Any] = deque()
         self._pending: KafkaDelivery | None = None
@@ -324,15 +402,15 @@ class TrustedKafkaConsumer:
     async def __anext__(self) -> KafkaDelivery:
         """Commit the previous delivery (its body finished), return the next one.
 
-        Records that fail verification are dead-lettered and committed on the
-        way and never returned. Ends (``StopAsyncIteration``) once
-        :meth:`stop` was called.
+        Records that fail verification are dead-lettered (as in :meth:`run`,
+        stubs included) and committed on the way and never returned. Ends
+        (``StopAsyncIteration``) once :meth:`stop` was called.
 
         Raises:
             RuntimeError: the consumer was never started, or :meth:`run` is
                 consuming at the same time.
-            aiokafka.errors.KafkaError: dead-lettering failed (the record is
-                not committed and comes again).
+            aiokafka.errors.KafkaError: dead-lettering failed other than by
+                size (the record is not committed and comes again).
         """
         if not self._started:
             raise RuntimeError("start() the consumer (or use 'async with') before iterating")
@@ -399,6 +477,16 @@ class TrustedKafkaConsumer:
         dead-lettered. Cancelling ``run`` leaves the current record
         uncommitted; it comes again.
 
+        Dead letters: the original key, value and headers (minus incoming
+        ``trusthop-*`` headers) plus the verdict. One that is too large to
+        send (aiokafka's ``MessageSizeTooLargeError``, or the broker's
+        MESSAGE_TOO_LARGE / RECORD_LIST_TOO_LARGE) is replaced by a stub
+        without key, value or original headers, carrying the verdict,
+        ``trusthop-original: <topic>/<partition>/<offset>`` and
+        ``trusthop-original-bytes``; the record is then committed. A decoder
+        or verifier exception other than ``TrustError`` (a bug) is logged
+        and dead-lettered as ``malformed``.
+
         Returns:
             The number of records settled (handled or dead-lettered).
 
@@ -406,8 +494,9 @@ class TrustedKafkaConsumer:
             TypeError: no handler given or registered.
             RuntimeError: not started, already consuming, or another task
                 is inside an ``async for`` loop over this consumer.
-            aiokafka.errors.KafkaError: dead-lettering failed (the record is
-                not committed and comes again).
+            aiokafka.errors.KafkaError: dead-lettering failed other than by
+                size, stub included (the record is not committed and comes
+                again).
         """
         func = handler if handler is not None else self._handler
         if func is None:
@@ -479,7 +568,7 @@ class TrustedKafkaConsumer:
         )
         rejection = Rejection(
             Reason.HANDLER_FAILED,
-            f"{type(error).__name__}: {error}",
+            _describe(error),
             kafka_destination(delivery.topic),
             self.group_id,
             self.max_attempts,
@@ -503,39 +592,119 @@ class TrustedKafkaConsumer:
         return self._buffer.popleft()
 
     async def _admit(self, record: Any) -> KafkaDelivery | None:
-        """Verify ``record``; dead-letter it (not commit) and return ``None`` if rejected."""
+        """Verify ``record``; dead-letter it (not commit) and return ``None`` if rejected.
+
+        A :class:`TrustError` is the record's verdict. Any other exception from
+        decoding or verifying is a trusthop bug: logged with its traceback and
+        dead-lettered as ``malformed`` all the same, so that no record can
+        stop the consumer, nor stall it by coming back after every restart.
+
+        Raises:
+            aiokafka.errors.KafkaError: the dead letter could not be written
+                (see :meth:`_dead_letter`).
+        """
+        source = kafka_destination(record.topic)
         try:
             trusted = verify_record(
                 self.verifier, topic=record.topic, headers=record.headers, value=record.value
             )
         except TrustError as error:
-            rejection = Rejection.of(
-                error, source=kafka_destination(record.topic), consumer=self.group_id
-            )
+            rejection = Rejection.of(error, source=source, consumer=self.group_id)
             log.warning(
                 "rejected %s:%d@%d: %s", record.topic, record.partition, record.offset, error
             )
             await self._dead_letter(record, rejection)
             return None
+        except Exception as exc:  # a decoder bug must not stop or stall the consumer
+            log.exception(
+                "bug: %s while verifying %s:%d@%d; dead-lettered as malformed",
+                type(exc).__name__,
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+            detail = f"undecodable record ({type(exc).__name__})"
+            rejection = Rejection(Reason.MALFORMED, detail, source, self.group_id)
+            await self._dead_letter(record, rejection)
+            return None
         return KafkaDelivery(trusted, record)
 
     async def _dead_letter(self, record: Any, rejection: Rejection) -> None:
-        """Write the original record plus the rejection headers; wait for the ack."""
+        """Write the dead letter of ``record`` and wait for the broker's ack.
+
+        The full dead letter first: original key and value, original headers
+        minus ``trusthop-*`` ones, then the verdict. If that fails because it
+        is too large (:func:`_is_size_error`), a stub follows: no key, no
+        value, the verdict plus where the original is
+        (:func:`~trusthop.kafka.records.stub_dead_letter_headers`).
+
+        Raises:
+            aiokafka.errors.KafkaError: any other failure of the full dead
+                letter, or any failure of the stub; nothing was acknowledged
+                and the caller must not commit.
+        """
         topic = self.dead_letter_topic_for(record.topic)
         headers = dead_letter_headers(record.headers, rejection)
-        if record.key is None and record.value is None:
-            # aiokafka's send() refuses a record with neither key nor value; a
-            # batch carries it unchanged.
-            batch = self._dlq.create_batch()
-            batch.append(timestamp=None, key=None, value=None, headers=headers)
-            partitions = sorted(await self._dlq.partitions_for(topic))
-            future = await self._dlq.send_batch(batch, topic, partition=partitions[0])
-            await future
-        else:
-            await self._dlq.send_and_wait(
-                topic, value=record.value, key=record.key, headers=headers
+        try:
+            await self._send_dead_letter(topic, record.key, record.value, headers)
+        except KafkaError as exc:
+            if not _is_size_error(exc):
+                raise
+            size = record_size(record.key, record.value, record.headers)
+            log.error(
+                "dead letter of %s:%d@%d (%d bytes) is too large for %s (%s); writing a "
+                "stub without key, value or original headers; the original stays in %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                size,
+                topic,
+                type(exc).__name__,
+                record.topic,
             )
+            stub = stub_dead_letter_headers(
+                rejection,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                size=size,
+            )
+            await self._send_dead_letter(topic, None, None, stub)
+            self.stats.dead_letter_stubs += 1
         self.stats.dead_lettered[rejection.reason] += 1
+
+    async def _send_dead_letter(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes | None]],
+    ) -> None:
+        """Send one record to ``topic`` and wait for the ack.
+
+        Raises:
+            aiokafka.errors.KafkaError: not acknowledged;
+                ``MessageSizeTooLargeError`` when over the producer's
+                ``max_request_size`` (checked here for batches, which
+                aiokafka does not check) or refused by the broker as too large.
+        """
+        if key is not None or value is not None:
+            await self._dlq.send_and_wait(topic, value=value, key=key, headers=headers)
+            return
+        # aiokafka's send() refuses a record with neither key nor value; a batch
+        # carries it unchanged, but a batch's first record skips the size check.
+        limit = self._dlq_max_request_size
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(None, None, headers)
+        if limit is not None and size > limit:
+            raise MessageSizeTooLargeError(
+                f"the dead letter is {size} bytes, over max_request_size {limit}"
+            )
+        batch = self._dlq.create_batch()
+        if batch.append(timestamp=None, key=None, value=None, headers=headers) is None:
+            raise MessageSizeTooLargeError("the dead letter does not fit in a batch")
+        partitions = sorted(await self._dlq.partitions_for(topic))
+        future = await self._dlq.send_batch(batch, topic, partition=partitions[0])
+        await future
 
     async def _commit_handled(self, record: Any) -> None:
         await self._commit(record)
