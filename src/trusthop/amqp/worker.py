@@ -19,9 +19,10 @@ Delivery contract of :class:`TrustedWorker`, per message:
    counted per message (a fingerprint of its content, kept in memory by this
    worker), so the next delivery of the same message sends the stub, and a
    *redelivered* message with two failed attempts is abandoned: rejected
-   without requeue (RabbitMQ drops it, or dead-letters it natively when the
-   queue has an ``x-dead-letter-exchange``), logged and counted in
-   :attr:`WorkerStats.abandoned`.
+   without requeue, logged and counted in :attr:`WorkerStats.abandoned`.
+   Queues the worker declares dead-letter natively into ``<queue>.dlq``
+   (:meth:`TrustedWorker.queue_arguments`), so even then nothing is lost;
+   a queue declared elsewhere needs its own ``x-dead-letter-exchange``.
 
 Routing checks (see :func:`~trusthop.amqp.messages.verify_delivery`): a
 delivery carrying a ``CC`` or ``BCC`` header is dead-lettered with
@@ -52,6 +53,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from pamqp.common import FieldTable
 
 from trusthop.amqp.messages import (
     DEFAULT_DEAD_LETTER_EXCHANGE,
@@ -305,7 +307,9 @@ class TrustedWorker:
                 )
                 await dlq.bind(self._dlx, routing_key=route.queue)
                 if route.declare:
-                    queue = await self.channel.declare_queue(route.queue, durable=True)
+                    queue = await self.channel.declare_queue(
+                        route.queue, durable=True, arguments=self.queue_arguments(route.queue)
+                    )
                 else:
                     queue = await self.channel.get_queue(route.queue, ensure=True)
                 for exchange, routing_key in route.bind:
@@ -315,6 +319,19 @@ class TrustedWorker:
         except BaseException:
             await self.stop()
             raise
+
+    def queue_arguments(self, queue: str) -> FieldTable:
+        """Arguments the worker declares ``queue`` with (``declare=True``).
+
+        The queue dead-letters natively into this worker's dead-letter queue,
+        so a message the worker must abandon (its dead letter could not be
+        published twice) still lands in ``<queue>.dlq`` instead of being
+        dropped. Declare a queue yourself with these arguments to get the same.
+        """
+        return {
+            "x-dead-letter-exchange": self.dead_letter_exchange,
+            "x-dead-letter-routing-key": queue,
+        }
 
     async def stop(self) -> None:
         """Cancel the consumers and wait for messages being processed.

@@ -20,7 +20,13 @@ import aio_pika
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from cloudevents.core.v1.event import CloudEvent
 
-from trusthop.amqp import Delivery, TrustedPublisher, TrustedWorker, dead_letter_queue_name
+from trusthop.amqp import (
+    DEFAULT_DEAD_LETTER_EXCHANGE,
+    Delivery,
+    TrustedPublisher,
+    TrustedWorker,
+    dead_letter_queue_name,
+)
 from trusthop.bindings.amqp import encode_amqp
 from trusthop.bindings.kafka import encode_kafka
 from trusthop.chain import OriginRing
@@ -88,7 +94,14 @@ class BrokerBus:
                 exchange, aio_pika.ExchangeType.DIRECT, auto_delete=False
             )
             queue = f"{exchange}.{routing_key}"
-            q = await channel.declare_queue(queue, durable=True)
+            q = await channel.declare_queue(
+                queue,
+                durable=True,
+                arguments={
+                    "x-dead-letter-exchange": DEFAULT_DEAD_LETTER_EXCHANGE,
+                    "x-dead-letter-routing-key": queue,
+                },
+            )
             await q.bind(declared, routing_key=routing_key)
             self._queues[destination] = queue
         return queue
