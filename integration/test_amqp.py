@@ -968,3 +968,32 @@ async def test_unpublishable_dead_letter_is_abandoned_not_looped(rabbit: Rabbit)
     assert kept.body == b"junk" and kept.headers[CASE] == "junk"
     (death,) = kept.headers["x-death"]  # type: ignore[misc]
     assert death["reason"] == "rejected" and death["queue"] == queue  # type: ignore[index]
+
+
+async def test_queues_the_worker_declares_dead_letter_natively_into_their_dlq(
+    rabbit: Rabbit,
+) -> None:
+    # What the worker cannot dead-letter itself (the abandon path) is rejected
+    # without requeue; the queue's own arguments must then route it to <queue>.dlq.
+    channel = await rabbit.channel()
+    queue_name = rabbit.queue("native-dlq")
+    worker = rabbit.worker(channel)
+
+    @worker.handler(queue_name)
+    async def never(delivery: Delivery) -> None:
+        raise AssertionError("nothing is published while the worker runs")
+
+    async with worker:
+        pass
+    await channel.default_exchange.publish(aio_pika.Message(b"orphan"), routing_key=queue_name)
+    queue = await channel.get_queue(queue_name, ensure=False)
+    message = await queue.get(timeout=5)
+    assert message is not None
+    await message.reject(requeue=False)
+    dlq = await channel.get_queue(dead_letter_queue_name(queue_name), ensure=False)
+    for _ in range(50):
+        letter = await dlq.get(no_ack=True, fail=False)
+        if letter is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert letter is not None and letter.body == b"orphan"
