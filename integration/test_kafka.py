@@ -34,6 +34,7 @@ from trusthop.event import WireEvent
 from trusthop.kafka import (
     H_ORIGINAL,
     H_ORIGINAL_BYTES,
+    UNDECODABLE_DETAIL,
     KafkaDelivery,
     KafkaRecord,
     TrustedKafkaConsumer,
@@ -598,6 +599,78 @@ async def test_poison_records_are_dead_lettered_and_the_consumer_moves_on(
     assert bug_letter[H_REASON] == b"malformed"
     assert bug_letter[H_DETAIL] == b"undecodable record (UnicodeEncodeError)"
     assert dead[b"bug"].value == bug.value
+    # Every offset committed: a restart does not meet the poison again.
+    assert only_partition_zero(await committed_offsets(kafka_bootstrap, group, topic)) == 3
+
+
+class _NotUtf8Name(str):
+    """A header name aiokafka's pure-Python batch builder writes as non-UTF-8 bytes."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"\xff\xfe-bad"
+
+
+async def publish_undecodable(bootstrap: str, topic: str, value: bytes) -> None:
+    """One record (partition 0) whose header name is not UTF-8, as a raw client can write."""
+    from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+
+    async with raw_producer(bootstrap) as client:
+        batch = client.create_batch()
+        # magic 2, no compression, not transactional, no producer id/epoch/seq.
+        batch._builder = _DefaultRecordBatchBuilderPy(2, 0, False, -1, -1, -1, 16384)
+        headers: list[tuple[str, bytes | None]] = [(_NotUtf8Name("x"), b"1")]
+        assert batch.append(timestamp=None, key=b"poison", value=value, headers=headers)
+        await (await client.send_batch(batch, topic, partition=0))
+
+
+async def test_a_header_name_that_is_not_utf8_is_dead_lettered_not_a_stall(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
+    # aiokafka's getmany raises UnicodeDecodeError on such a record, every
+    # time: the shell must find it, dead-letter a stub and go on after it.
+    topic, group = f"{unique_name}-orders", f"{unique_name}-svc"
+    edge = TrustedKafkaProducer(signer=ChainSigner(EDGE), producer=object())
+    origin = origin_ring()
+    before = edge.seal(topic, order_event("before"), origin=origin, key="before")
+    after = edge.seal(topic, order_event("after"), origin=origin, key="after")
+    await publish_raw(kafka_bootstrap, topic, [(b"before", before.value, list(before.headers))])
+    await publish_undecodable(kafka_bootstrap, topic, b"poison value")
+    await publish_raw(kafka_bootstrap, topic, [(b"after", after.value, list(after.headers))])
+
+    # The premise: plain aiokafka cannot read past it.
+    plain = AIOKafkaConsumer(
+        topic, bootstrap_servers=kafka_bootstrap, group_id=None, auto_offset_reset="earliest"
+    )
+    await plain.start()
+    try:
+        with pytest.raises(UnicodeDecodeError):
+            deadline = time.monotonic() + RECEIVE_TIMEOUT
+            while time.monotonic() < deadline:
+                await plain.getmany(timeout_ms=500)
+    finally:
+        await plain.stop()
+
+    handled: list[bytes] = []
+
+    async def handle(delivery: KafkaDelivery) -> None:
+        handled.append(delivery.record.key)
+
+    async with consumer(kafka_bootstrap, topic, group=group) as trusted:
+        settled = await asyncio.wait_for(trusted.run(handle, limit=3), RECEIVE_TIMEOUT)
+    assert settled == 3
+    assert handled == [b"before", b"after"]
+    assert trusted.stats.dead_lettered == {Reason.MALFORMED: 1}
+    assert trusted.stats.dead_letter_stubs == 1
+
+    [stub] = await read_topic(kafka_bootstrap, f"{topic}.dlq", 1)
+    assert (stub.key, stub.value) == (None, None)
+    assert [k for k, _ in stub.headers] == [*TRUSTHOP_HEADERS, H_ORIGINAL]
+    verdict = header_map(stub.headers)
+    assert verdict[H_REASON] == b"malformed"
+    assert verdict[H_DETAIL] == UNDECODABLE_DETAIL.encode()
+    assert verdict[H_SOURCE] == kafka_destination(topic).encode()
+    assert verdict[H_CONSUMER] == group.encode()
+    assert verdict[H_ORIGINAL] == f"{topic}/0/1".encode()
     # Every offset committed: a restart does not meet the poison again.
     assert only_partition_zero(await committed_offsets(kafka_bootstrap, group, topic)) == 3
 

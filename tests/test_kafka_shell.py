@@ -44,6 +44,7 @@ from trusthop.kafka import (
     DEFAULT_MAX_MESSAGE_BYTES,
     H_ORIGINAL,
     H_ORIGINAL_BYTES,
+    UNDECODABLE_DETAIL,
     KafkaDelivery,
     TrustedKafkaConsumer,
     TrustedKafkaProducer,
@@ -1046,3 +1047,125 @@ async def test_a_handler_message_that_cannot_be_encoded_is_still_dead_lettered(
     [(_, _, _, headers)] = dlq.sent
     assert dict(headers)[H_DETAIL] == detail
     assert fake.committed_offset() == 2
+
+
+# --------------------------------------------------------------------------- #
+# a record aiokafka cannot parse (a header name that is not UTF-8)
+# --------------------------------------------------------------------------- #
+
+
+class UndecodableFake(FakeConsumer):
+    """Like aiokafka: ``getmany`` raises UnicodeDecodeError on reaching an undecodable
+    record, losing what it drained from earlier partitions in the same call."""
+
+    def __init__(
+        self, records: Iterable[ConsumerRecord[bytes, bytes]], undecodable: set[tuple[int, int]]
+    ) -> None:
+        super().__init__(records)
+        self.undecodable = undecodable
+        # aiokafka's position() is a method: the positions move to ``offsets``.
+        self.offsets: dict[TopicPartition, int] = self.__dict__.pop("position")
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp, offset))
+        self.offsets[tp] = offset
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.log)
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        return self.committed_offset(tp.partition)
+
+    async def seek_to_beginning(self, *partitions: TopicPartition) -> None:
+        for tp in partitions:
+            self.seek(tp, 0)
+
+    async def position(self, tp: TopicPartition) -> int:  # type: ignore[override]
+        return self.offsets[tp]
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[Any]]:
+        out = {}
+        for tp, records in self.log.items():
+            if partitions and tp not in partitions:
+                continue
+            pending = records[self.offsets[tp] :][:max_records]
+            if any((tp.partition, r.offset) in self.undecodable for r in pending):
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+            if pending:
+                out[tp] = pending
+                self.offsets[tp] = pending[-1].offset + 1
+        if not out:
+            await asyncio.sleep(timeout_ms / 1000)
+        return out
+
+
+async def undecodable_consumer(
+    records: Iterable[ConsumerRecord[bytes, bytes]], undecodable: set[tuple[int, int]]
+) -> tuple[TrustedKafkaConsumer, UndecodableFake, FakeProducer]:
+    consumer, _, dlq = await fake_consumer([])
+    fake = UndecodableFake(records, undecodable)
+    consumer._consumer = fake
+    return consumer, fake, dlq
+
+
+def good(offset: int, partition: int) -> ConsumerRecord[bytes, bytes]:
+    return record(offset, BINARY.headers, BINARY.value, key=b"good", partition=partition)
+
+
+async def test_an_undecodable_record_is_dead_lettered_as_a_stub_and_skipped() -> None:
+    # Partition 0 drained first, then partition 1 raises: its records were
+    # lost by that getmany, and must come again, in order, none skipped.
+    records = [good(0, 0), good(1, 0), good(0, 1), good(1, 1), good(2, 1)]
+    consumer, fake, dlq = await undecodable_consumer(records, {(1, 1)})
+    seen: list[tuple[int, int]] = []
+
+    async def handle(delivery: KafkaDelivery) -> None:
+        seen.append((delivery.partition, delivery.offset))
+
+    assert await consumer.run(handle, limit=5) == 5
+    assert sorted(seen) == [(0, 0), (0, 1), (1, 0), (1, 2)]
+    assert [o for p, o in seen if p == 1] == [0, 2]
+    assert consumer.stats.dead_lettered == {Reason.MALFORMED: 1}
+    assert consumer.stats.dead_letter_stubs == 1
+    assert consumer.stats.handled == 4
+    [(topic, key, value, headers)] = dlq.sent
+    assert (topic, key, value) == (f"{TOPIC}.dlq", None, None)
+    verdict = dict(headers)
+    assert verdict[H_REASON] == b"malformed"
+    assert verdict[H_DETAIL] == UNDECODABLE_DETAIL.encode()
+    assert verdict[H_ORIGINAL] == f"{TOPIC}/1/1".encode()
+    assert H_ORIGINAL_BYTES not in verdict  # unknown: aiokafka could not read it
+    assert fake.committed_offset(0) == 2
+    assert fake.committed_offset(1) == 3
+    # The stub's commit (offset 2) came after the record before it (offset 1).
+    assert [c[tp] for c in fake.commits for tp in c if tp.partition == 1] == [1, 2, 3]
+    await consumer.stop()
+
+
+async def test_an_undecodable_record_whose_stub_fails_is_not_committed() -> None:
+    consumer, fake, dlq = await undecodable_consumer([good(0, 0), good(1, 0), good(2, 0)], {(0, 1)})
+    iterator = consumer.__aiter__()
+    first = await iterator.__anext__()
+    assert first.offset == 0
+    dlq.fail = 1
+    with pytest.raises(KafkaTimeoutError):
+        await iterator.__anext__()
+    assert fake.committed_offset() == 1  # the first delivery; not past the poison
+    assert dlq.sent == []
+    second = await iterator.__anext__()  # the poison is found again, then dead-lettered
+    assert second.offset == 2
+    [(_, _, _, headers)] = dlq.sent
+    assert dict(headers)[H_ORIGINAL] == f"{TOPIC}/0/1".encode()
+    assert fake.committed_offset() == 2
+    await consumer.commit()
+    assert fake.committed_offset() == 3
+    await consumer.stop()
+
+
+def test_a_stub_of_unknown_size_has_no_original_bytes() -> None:
+    rejection = Rejection(Reason.MALFORMED, "x", "kafka:t", GROUP)
+    headers = stub_dead_letter_headers(rejection, topic="t", partition=2, offset=7, size=None)
+    assert headers[-1] == (H_ORIGINAL, b"t/2/7")
+    assert H_ORIGINAL_BYTES not in dict(headers)

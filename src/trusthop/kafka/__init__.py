@@ -30,6 +30,7 @@ record is delivered again, never dropped.
 """
 
 from trusthop.kafka.consumer import (
+    UNDECODABLE_DETAIL,
     ConsumerStats,
     Handler,
     KafkaDelivery,
@@ -54,6 +55,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "H_ORIGINAL",
     "H_ORIGINAL_BYTES",
+    "UNDECODABLE_DETAIL",
     "ConsumerStats",
     "Handler",
     "KafkaDelivery",

@@ -11,8 +11,7 @@ either with ``async for`` or by :meth:`TrustedKafkaConsumer.run`.
 At-least-once throughout: when in doubt an offset stays uncommitted and the
 record is delivered again, never dropped.
 
-No record that aiokafka can parse stops or stalls the consumer (a header
-name that is not UTF-8 still makes ``getmany`` raise, inside aiokafka):
+No record stops or stalls the consumer:
 
 * any other exception while decoding or verifying a record is a trusthop bug:
   it is logged with its traceback and the record is dead-lettered as
@@ -21,7 +20,14 @@ name that is not UTF-8 still makes ``getmany`` raise, inside aiokafka):
   always larger than its original) is replaced by a stub: no key, no value,
   none of the original headers, the verdict plus ``trusthop-original``
   (``<topic>/<partition>/<offset>``) and ``trusthop-original-bytes``; then
-  the record is committed.
+  the record is committed;
+* a record aiokafka cannot parse (a header name that is not UTF-8 makes
+  aiokafka's ``getmany`` raise ``UnicodeDecodeError`` before trusthop sees
+  the record, on every attempt) is found by fetching one partition, then one
+  record, at a time (:meth:`TrustedKafkaConsumer._isolate_undecodable`); the
+  records before it are delivered as usual, it is dead-lettered as a stub
+  (``malformed``, ``trusthop-original``, no ``trusthop-original-bytes``:
+  its size is unknown) and committed, and consuming goes on after it.
 
 Only a dead-letter write that fails otherwise (broker down, timeout, missing
 authorisation) propagates, leaving the record uncommitted: it comes again.
@@ -97,6 +103,28 @@ def _describe(error: BaseException) -> str:
         return f"{type(error).__name__}: {error}"
     except Exception:
         return f"{type(error).__name__}: <message not printable>"
+
+
+UNDECODABLE_DETAIL = "aiokafka cannot decode the record at this offset (UnicodeDecodeError)"
+"""``trusthop-detail`` of the stub dead letter of a record aiokafka cannot parse."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """Stands in the buffer for a record aiokafka cannot parse, at its offset.
+
+    Has the attributes of a ``ConsumerRecord`` the shell reads (no key,
+    value or headers: aiokafka could not read them), so that it is
+    dead-lettered, committed, rewound and dropped on revocation in order,
+    like any record.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    key: None = None
+    value: None = None
+    headers: tuple[()] = ()
 
 
 def _is_size_error(exc: BaseException) -> bool:
@@ -587,9 +615,84 @@ class TrustedKafkaConsumer:
                 batches = await self._consumer.getmany(timeout_ms=self.poll_timeout_ms)
             except ConsumerStoppedError:
                 return None
+            except UnicodeDecodeError:
+                log.warning("aiokafka cannot decode a fetched record; looking for it")
+                try:
+                    await self._isolate_undecodable()
+                except ConsumerStoppedError:
+                    return None
+                continue
             for records in batches.values():
                 self._buffer.extend(records)
         return self._buffer.popleft()
+
+    async def _isolate_undecodable(self) -> None:
+        """After ``getmany`` raised ``UnicodeDecodeError``: find the record, buffer a stand-in.
+
+        aiokafka decodes header names as strict UTF-8 while it iterates a
+        fetched batch, so a name that is not UTF-8 makes every ``getmany``
+        that reaches the record raise, before the record can be returned.
+        Called with an empty buffer, i.e. every record returned so far is
+        settled and committed:
+
+        1. Every assigned partition is moved back to its committed offset (to
+           its beginning when nothing is committed): the failed ``getmany``
+           may have advanced partitions whose records it then lost with the
+           exception. Records are delivered again rather than skipped.
+        2. Each partition is fetched on its own; records are buffered as
+           usual. One whose fetch raises is fetched again one record at a
+           time: the records before the culprit are buffered, and when the
+           fetch raises again the culprit is at the partition's position. An
+           :class:`_Undecodable` for that offset is buffered after them (it
+           is dead-lettered and committed in its turn, see :meth:`_admit`)
+           and the partition seeks past it.
+
+        The same offset is met again after a restart or a rewind until its
+        stand-in is committed. (In a batch aiokafka cannot parse, the
+        records after the culprit cannot be parsed either: each is
+        dead-lettered the same way. An offset with no record, such as a
+        transaction marker or a compacted-away record, just before the
+        culprit can get a stub of its own.)
+        """
+        partitions = sorted(self._consumer.assignment())
+        for tp in partitions:
+            committed = await self._consumer.committed(tp)
+            with contextlib.suppress(IllegalStateError):
+                if committed is None:
+                    await self._consumer.seek_to_beginning(tp)
+                else:
+                    self._consumer.seek(tp, committed)
+        for tp in partitions:
+            one_at_a_time = False
+            while True:
+                try:
+                    batches = await self._consumer.getmany(
+                        tp,
+                        timeout_ms=self.poll_timeout_ms,
+                        max_records=1 if one_at_a_time else None,
+                    )
+                except UnicodeDecodeError:
+                    if not one_at_a_time:
+                        one_at_a_time = True
+                        continue
+                    try:
+                        offset = await self._consumer.position(tp)
+                    except IllegalStateError:  # revoked meanwhile
+                        break
+                    log.error(
+                        "aiokafka cannot decode %s:%d@%d (a header name that is not "
+                        "UTF-8?); dead-lettering a stub and skipping it",
+                        tp.topic,
+                        tp.partition,
+                        offset,
+                    )
+                    self._buffer.append(_Undecodable(tp.topic, tp.partition, offset))
+                    self._consumer.seek(tp, offset + 1)
+                    break
+                records = batches.get(tp, [])
+                self._buffer.extend(records)
+                if not (one_at_a_time and records):
+                    break
 
     async def _admit(self, record: Any) -> KafkaDelivery | None:
         """Verify ``record``; dead-letter it (not commit) and return ``None`` if rejected.
@@ -604,6 +707,11 @@ class TrustedKafkaConsumer:
                 (see :meth:`_dead_letter`).
         """
         source = kafka_destination(record.topic)
+        if isinstance(record, _Undecodable):
+            rejection = Rejection(Reason.MALFORMED, UNDECODABLE_DETAIL, source, self.group_id)
+            await self._send_stub(record, rejection, None)
+            self.stats.dead_lettered[rejection.reason] += 1
+            return None
         try:
             trusted = verify_record(
                 self.verifier, topic=record.topic, headers=record.headers, value=record.value
@@ -662,16 +770,24 @@ class TrustedKafkaConsumer:
                 type(exc).__name__,
                 record.topic,
             )
-            stub = stub_dead_letter_headers(
-                rejection,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                size=size,
-            )
-            await self._send_dead_letter(topic, None, None, stub)
-            self.stats.dead_letter_stubs += 1
+            await self._send_stub(record, rejection, size)
         self.stats.dead_lettered[rejection.reason] += 1
+
+    async def _send_stub(self, record: Any, rejection: Rejection, size: int | None) -> None:
+        """Write the stub dead letter of ``record`` (``size=None``: unknown) and wait for the ack.
+
+        Raises:
+            aiokafka.errors.KafkaError: not acknowledged; the caller must not commit.
+        """
+        stub = stub_dead_letter_headers(
+            rejection,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            size=size,
+        )
+        await self._send_dead_letter(self.dead_letter_topic_for(record.topic), None, None, stub)
+        self.stats.dead_letter_stubs += 1
 
     async def _send_dead_letter(
         self,

@@ -119,7 +119,7 @@ def dead_letter_headers(
 
 
 def stub_dead_letter_headers(
-    rejection: Rejection, *, topic: str, partition: int, offset: int, size: int
+    rejection: Rejection, *, topic: str, partition: int, offset: int, size: int | None
 ) -> list[tuple[str, bytes | None]]:
     """Headers of a stub dead letter: the verdict, and where the original is.
 
@@ -129,15 +129,15 @@ def stub_dead_letter_headers(
     headers come ``trusthop-original: <topic>/<partition>/<offset>`` (Kafka
     topic names hold no ``/``) and ``trusthop-original-bytes: <size>``, so an
     operator can fetch the original from its source topic while its
-    retention lasts.
+    retention lasts. ``size=None`` (the record could not be read, so its
+    size is unknown) leaves out ``trusthop-original-bytes``.
 
     Pure; never raises.
     """
-    return [
-        *_verdict(rejection),
-        (H_ORIGINAL, f"{topic}/{partition}/{offset}".encode()),
-        (H_ORIGINAL_BYTES, str(size).encode()),
-    ]
+    headers = [*_verdict(rejection), (H_ORIGINAL, f"{topic}/{partition}/{offset}".encode())]
+    if size is not None:
+        headers.append((H_ORIGINAL_BYTES, str(size).encode()))
+    return headers
 
 
 def verify_record(
