@@ -936,7 +936,7 @@ async def test_unpublishable_dead_letter_is_abandoned_not_looped(rabbit: Rabbit)
     await channel.declare_queue(
         queue, durable=True, arguments={"x-dead-letter-exchange": native_x.name}
     )
-    worker = rabbit.worker(channel)
+    worker = rabbit.worker(channel, abandon_after=0.0)
     handled: list[str] = []
 
     @worker.handler(queue, declare=False, bind=[(orders_x.name, "order.placed")])

@@ -749,9 +749,13 @@ def killed() -> ConnectionFrameError:
     return ConnectionFrameError(501, "FRAME_ERROR")
 
 
-async def ladder(outcomes: list[Any]) -> tuple[TrustedWorker, LadderChannel]:
+async def ladder(
+    outcomes: list[Any], *, abandon_after: float = 0.0
+) -> tuple[TrustedWorker, LadderChannel]:
     channel = LadderChannel(outcomes)
-    worker = TrustedWorker(channel, verifier=VERIFIER)  # type: ignore[arg-type]
+    worker = TrustedWorker(  # type: ignore[arg-type]
+        channel, verifier=VERIFIER, abandon_after=abandon_after
+    )
 
     @worker.handler("billing", bind=[(EXCHANGE, ROUTING_KEY)])
     async def handle(delivery: Delivery) -> None:
@@ -801,6 +805,21 @@ async def test_a_message_whose_dead_letter_keeps_failing_is_abandoned() -> None:
     await channel.deliver("billing", other)
     assert other.settled == ["requeue"]  # the scripted third failure, full letter
     assert worker.stats.abandoned == 1
+
+
+async def test_a_short_dead_letter_outage_is_ridden_out_not_abandoned() -> None:
+    # Red-team finding: two instant failures used to abandon a valid message
+    # while its dead-letter queue was away for half a second.
+    worker, channel = await ladder([refused()] * 3, abandon_after=30.0)
+    message = FakeIncoming(b"junk", dict(JUNK))
+    await channel.deliver("billing", message)
+    again = message.again()
+    await channel.deliver("billing", again)
+    assert [message.settled, again.settled] == [["requeue"], ["requeue"]]
+    assert worker.stats.abandoned == 0
+    last = again.again()
+    await channel.deliver("billing", last)  # the dead-letter queue is back
+    assert last.settled == ["ack"] and worker.stats.total_dead_lettered == 1
 
 
 async def test_a_refused_dead_letter_is_retried_as_a_stub_at_once() -> None:

@@ -230,3 +230,29 @@ def test_hostile_text_in_a_record_is_a_typed_rejection_never_a_crash() -> None:
             assert error.reason is Reason.MALFORMED, value[:60]
         else:
             raise AssertionError(f"accepted {value[:60]!r}")
+
+
+def test_text_data_with_a_lone_surrogate_is_malformed() -> None:
+    from trusthop.bindings import decode_structured
+    from trusthop.errors import Reason, TrustError
+
+    body = (
+        b'{"specversion":"1.0","id":"x","source":"/s","type":"t",'
+        b'"datacontenttype":"text/plain","data":"\\ud800"}'
+    )
+    try:
+        decode_structured(body)
+    except TrustError as error:
+        assert error.reason is Reason.MALFORMED
+    else:
+        raise AssertionError("accepted")
+
+
+def test_origin_actors_must_be_a_collection_not_one_id() -> None:
+    import pytest
+
+    from trusthop.bundle import TrustBundle
+    from trusthop.pipeline import ChainVerifier
+
+    with pytest.raises(TypeError):
+        ChainVerifier(TrustBundle(), origin_actors="spiffe://prod.example.com/gateway")

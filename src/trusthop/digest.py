@@ -83,7 +83,10 @@ def data_bytes(data: Any, content_type: str | None, *, json_default: bool = Fals
     if is_json_content_type(content_type) or (content_type is None and json_default):
         return canonical_json(data)
     if isinstance(data, str):
-        return data.encode("utf-8")
+        try:
+            return data.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise TrustError(Reason.MALFORMED, "text data is not valid Unicode") from exc
     return canonical_json(data)
 
 

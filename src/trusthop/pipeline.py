@@ -176,6 +176,8 @@ class ChainVerifier:
         clock: Clock = time.time,
     ) -> None:
         self.bundle = bundle
+        if isinstance(origin_actors, str):
+            raise TypeError("origin_actors is a collection of SPIFFE IDs, not one string")
         self.origin_actors = None if origin_actors is None else frozenset(origin_actors)
         self.trust_domain = trust_domain
         self.limits = limits

@@ -18,7 +18,9 @@ Delivery contract of :class:`TrustedWorker`, per message:
    or the channel was lost, the original is requeued. Each publish attempt is
    counted per message (a fingerprint of its content, kept in memory by this
    worker), so the next delivery of the same message sends the stub, and a
-   *redelivered* message with two failed attempts is abandoned: rejected
+   *redelivered* message with two failed attempts, failing for at least
+   ``abandon_after`` seconds (30 by default; requeues pause in between), is
+   abandoned: rejected
    without requeue, logged and counted in :attr:`WorkerStats.abandoned`.
    Queues the worker declares dead-letter natively into ``<queue>.dlq``
    (:meth:`TrustedWorker.queue_arguments`), so even then nothing is lost;
@@ -45,6 +47,7 @@ import contextlib
 import hashlib
 import logging
 import struct
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -189,6 +192,9 @@ class TrustedWorker:
         max_attempts: handler calls per message before ``handler_failed``.
         prefetch_count: unacked messages in flight (``basic.qos``).
         retry_backoff: seconds before the first retry, doubled per retry.
+        abandon_after: a message whose dead letter keeps failing is abandoned
+            only after failing for this many seconds (and at least twice);
+            until then it is requeued after a growing pause.
 
     The handler contract and failure modes are in the module docstring.
 
@@ -206,6 +212,7 @@ class TrustedWorker:
         max_attempts: int = 3,
         prefetch_count: int = 16,
         retry_backoff: float = 0.05,
+        abandon_after: float = 30.0,
     ) -> None:
         _require_confirms(channel, "TrustedWorker")
         if max_attempts < 1 or prefetch_count < 1:
@@ -216,6 +223,7 @@ class TrustedWorker:
         self.max_attempts = max_attempts
         self.prefetch_count = prefetch_count
         self.retry_backoff = retry_backoff
+        self.abandon_after = abandon_after
         self.stats = WorkerStats()
         self._routes: dict[str, _Route] = {}
         self._consumers: list[tuple[AbstractQueue, str]] = []
@@ -224,6 +232,8 @@ class TrustedWorker:
         self._running = False
         # fingerprint -> dead-letter publishes started and not confirmed.
         self._letter_attempts: OrderedDict[str, int] = OrderedDict()
+        # When each message's dead letter first failed (same keys, same bound).
+        self._first_failure: dict[str, float] = {}
 
     def handler(
         self,
@@ -472,7 +482,7 @@ class TrustedWorker:
             raise RuntimeError("worker not started")
         key = _fingerprint(message, rejection.consumer)
         tried = self._letter_attempts.get(key, 0)
-        if tried >= 2 and message.redelivered:
+        if self._may_abandon(key, message):
             await self._abandon(message, rejection, key, tried)
             return
         log.warning(
@@ -502,21 +512,40 @@ class TrustedWorker:
                     exc,
                 )
                 continue
-            self._letter_attempts.pop(key, None)
+            self._forget(key)
             await message.ack()
             self.stats.dead_lettered[rejection.reason] += 1
             return
         assert refused is not None
-        if message.redelivered and self._letter_attempts.get(key, 0) >= 2:
+        if self._may_abandon(key, message):
             await self._abandon(message, rejection, key, self._letter_attempts[key])
             return
+        # Requeued: wait first, so a short dead-letter outage is ridden out
+        # instead of burning the attempts in milliseconds.
+        await asyncio.sleep(min(self.retry_backoff * 2 ** self._letter_attempts.get(key, 1), 5.0))
         raise refused
+
+    def _may_abandon(self, key: str, message: AbstractIncomingMessage) -> bool:
+        """Two failed attempts, a redelivery, and failing for ``abandon_after`` seconds."""
+        first = self._first_failure.get(key)
+        return (
+            bool(message.redelivered)
+            and self._letter_attempts.get(key, 0) >= 2
+            and first is not None
+            and time.monotonic() - first >= self.abandon_after
+        )
+
+    def _forget(self, key: str) -> None:
+        self._letter_attempts.pop(key, None)
+        self._first_failure.pop(key, None)
 
     def _note_attempt(self, key: str) -> None:
         self._letter_attempts[key] = self._letter_attempts.get(key, 0) + 1
         self._letter_attempts.move_to_end(key)
+        self._first_failure.setdefault(key, time.monotonic())
         while len(self._letter_attempts) > _ATTEMPTS_REMEMBERED:
-            self._letter_attempts.popitem(last=False)
+            oldest, _ = self._letter_attempts.popitem(last=False)
+            self._first_failure.pop(oldest, None)
 
     async def _abandon(
         self, message: AbstractIncomingMessage, rejection: Rejection, key: str, tried: int
@@ -533,7 +562,7 @@ class TrustedWorker:
             tried,
         )
         await message.reject(requeue=False)
-        self._letter_attempts.pop(key, None)
+        self._forget(key)
         self.stats.abandoned += 1
 
     async def _frame_max(self) -> int | None:

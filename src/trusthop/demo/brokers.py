@@ -195,7 +195,9 @@ class BrokerBus:
         queue = await self._queue_for(destination)
         worker = TrustedWorker(await self._amqp_channel(), verifier=verifier)
 
-        @worker.handler(queue)
+        _, exchange, routing_key = self._split(destination)
+
+        @worker.handler(queue, declare=False, accept_bindings=[(exchange, routing_key)])
         async def on_message(delivery: Delivery) -> None:
             await handler(delivery.trusted)
 
