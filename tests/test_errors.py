@@ -16,6 +16,10 @@ CONTRACT = {
     "SCOPE_ESCALATION": "scope_escalation", "WINDOW_ESCALATION": "window_escalation",
     "EXPIRED": "expired", "NOT_YET_VALID": "not_yet_valid",
     "UNAUTHORIZED_ACTOR": "unauthorized_actor", "HANDLER_FAILED": "handler_failed",
+    "INSUFFICIENT_TRUST_LEVEL": "insufficient_trust_level",
+    "INSUFFICIENT_SCOPE": "insufficient_scope", "PATH_VIOLATION": "path_violation",
+    "SEGMENT_QUARANTINED": "segment_quarantined", "SUBJECT_DENIED": "subject_denied",
+    "PDP_UNAVAILABLE": "pdp_unavailable",
 }
 
 

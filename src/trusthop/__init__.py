@@ -17,6 +17,7 @@ from trusthop.kafka import KafkaDelivery, TrustedKafkaConsumer, TrustedKafkaProd
 from trusthop.keys import PublicKey, SigningKey
 from trusthop.memory import MemoryBroker, MemoryConsumer, MemoryProducer
 from trusthop.pipeline import ChainSigner, ChainVerifier, Rejection, TrustedEvent
+from trusthop.policy import Decision, Policy, PolicyError, load_policy
 from trusthop.sign import Identity, append_hop, hash_credential, mint_origin
 from trusthop.spiffe import SpiffeId, validate_spiffe_id
 from trusthop.verify import Limits, VerifiedContext, verify_chain
@@ -30,6 +31,7 @@ __all__ = [
     "Chain",
     "ChainSigner",
     "ChainVerifier",
+    "Decision",
     "HopRing",
     "Identity",
     "KafkaDelivery",
@@ -38,6 +40,8 @@ __all__ = [
     "MemoryConsumer",
     "MemoryProducer",
     "OriginRing",
+    "Policy",
+    "PolicyError",
     "PublicKey",
     "PublishRefused",
     "Reason",
@@ -60,6 +64,7 @@ __all__ = [
     "event_digest",
     "hash_credential",
     "kafka_destination",
+    "load_policy",
     "mint_origin",
     "validate_spiffe_id",
     "verify_chain",

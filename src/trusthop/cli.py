@@ -1,7 +1,9 @@
-"""The ``trusthop`` command line: keygen, emit, inspect, verify, demo.
+"""The ``trusthop`` command line: keygen, emit, inspect, verify, policy, demo.
 
-Exit codes: 0 success, 1 a message was rejected (or the demo saw a broken
-expectation), 2 bad usage or unreadable input.
+Exit codes: 0 success, 1 a message was rejected or denied by policy (or the
+demo saw a broken expectation, or ``policy check`` found errors), 2 bad usage
+or unreadable input (including an invalid policy given to ``verify`` or
+``policy explain``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
 from trusthop.keys import SigningKey
 from trusthop.pipeline import ChainSigner, ChainVerifier
-from trusthop.render import chain_json, chain_path, chain_text, context_json, short_name
+from trusthop.policy import Policy, PolicyError, evaluate, load_policy
+from trusthop.render import (
+    chain_json,
+    chain_path,
+    chain_text,
+    context_json,
+    decision_text,
+    short_name,
+)
 from trusthop.sign import Identity, mint_origin
 from trusthop.spiffe import validate_spiffe_id
 from trusthop.verify import Limits
@@ -71,6 +81,16 @@ def _bundle(path: str) -> TrustBundle:
     try:
         return TrustBundle.load(path)
     except BundleError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _policy(path: str) -> Policy:
+    """The policy at ``path``; unreadable or invalid is a usage error (exit 2)."""
+    try:
+        return load_policy(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    except PolicyError as exc:
         raise UsageError(str(exc)) from exc
 
 
@@ -182,13 +202,18 @@ def _lines(data: bytes) -> Iterator[bytes]:
             yield line
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _verifier(args: argparse.Namespace, policy: Policy | None) -> ChainVerifier:
     now = args.now
-    verifier = ChainVerifier(
+    return ChainVerifier(
         _bundle(args.bundle),
         origin_actors=args.origin_actor or None,
         clock=(lambda: now) if now is not None else time.time,
+        policy=policy,
     )
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    verifier = _verifier(args, _policy(args.policy) if args.policy else None)
     data = _read(args.file)
     documents = list(_lines(data)) if args.jsonl else [data]
     worst = EXIT_OK
@@ -201,6 +226,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             worst = EXIT_REJECTED
         else:
             verdict = {"valid": True, **context_json(trusted.context)}
+            if trusted.decision is not None:
+                verdict["decision"] = trusted.decision.to_json()
         if args.jsonl:
             print(json.dumps(verdict))
         elif verdict["valid"]:
@@ -209,6 +236,43 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"rejected: {verdict['reason']}: {verdict['detail']}", file=sys.stderr)
             print(json.dumps(verdict))
     return worst
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.policy)
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.policy}: {exc.strerror}") from exc
+    except PolicyError as exc:
+        print(f"{args.policy}: invalid policy ({len(exc.errors)} errors)", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return EXIT_REJECTED
+    print(f"{args.policy}: ok: {policy.summary()}")
+    return EXIT_OK
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    policy = _policy(args.policy)
+    wire = _event_file(args.event)
+    try:
+        trusted = _verifier(args, None).verify(wire, args.dest)
+    except TrustError as error:
+        if not args.json:
+            raise
+        print(json.dumps({"valid": False, "reason": error.reason.value, "detail": error.message}))
+        return EXIT_REJECTED
+    decision = evaluate(
+        policy, trusted.context, destination=args.dest, event_type=str(trusted.event.get_type())
+    )
+    if args.json:
+        document = {"valid": True, **decision.to_json(), "context": context_json(trusted.context)}
+        print(json.dumps(document, indent=2))
+    else:
+        print(f"event {wire.id} consumed from {args.dest} (type {trusted.event.get_type()})")
+        print(chain_path(trusted.context.chain))
+        print(decision_text(decision))
+    return EXIT_OK if decision.allowed else EXIT_REJECTED
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -290,8 +354,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="an edge workload allowed to mint origin rings (repeatable; default: any)",
     )
     p.add_argument("--now", type=float, metavar="EPOCH", help="verify as of this time")
+    p.add_argument(
+        "--policy", metavar="POLICY.toml", help="also evaluate this policy (trust elevation)"
+    )
     p.add_argument("file", metavar="FILE|-")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("policy", help="validate a policy, or explain its decision for an event")
+    policy_sub = p.add_subparsers(dest="policy_command", required=True)
+    q = policy_sub.add_parser("check", help="validate a policy file; exit 1 with its errors")
+    q.add_argument("policy", metavar="POLICY.toml")
+    q.set_defaults(func=cmd_policy_check)
+    q = policy_sub.add_parser(
+        "explain", help="verify an event, then show the policy decision rule by rule"
+    )
+    q.add_argument("--policy", required=True, metavar="POLICY.toml")
+    q.add_argument("--bundle", required=True)
+    q.add_argument("--dest", required=True, help="where the event was consumed from")
+    q.add_argument(
+        "--origin-actor",
+        action="append",
+        type=_spiffe,
+        metavar="ID",
+        help="an edge workload allowed to mint origin rings (repeatable; default: any)",
+    )
+    q.add_argument("--now", type=float, metavar="EPOCH", help="verify as of this time")
+    q.add_argument("--json", action="store_true", help="print the decision as JSON")
+    q.add_argument("event", metavar="EVENT.json")
+    q.set_defaults(func=cmd_policy_explain)
 
     p = sub.add_parser("demo", help="run the end-to-end demo with attacks mixed in")
     p.add_argument("--json", action="store_true", help="print one JSON object")

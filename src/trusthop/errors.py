@@ -49,7 +49,21 @@ class Reason(StrEnum):
     """The chain's validity window starts after the time of verification."""
     UNAUTHORIZED_ACTOR = "unauthorized_actor"
     """An actor is not entitled to sign this ring (key bound to another
-    actor, or an actor outside the chain's trust domain)."""
+    actor, or an actor outside the chain's trust domain), or policy does not
+    allow it to publish to this destination (also: no policy requirement
+    covers the destination and the policy's default is deny)."""
+    INSUFFICIENT_TRUST_LEVEL = "insufficient_trust_level"
+    """Policy: an actor on the path holds a lower trust level than required."""
+    INSUFFICIENT_SCOPE = "insufficient_scope"
+    """Policy: the effective scope lacks a scope the destination requires."""
+    PATH_VIOLATION = "path_violation"
+    """Policy: the path does not follow the required origin and steps."""
+    SEGMENT_QUARANTINED = "segment_quarantined"
+    """Policy: an actor of a quarantined segment is on the path."""
+    SUBJECT_DENIED = "subject_denied"
+    """Policy: the destination does not accept this subject."""
+    PDP_UNAVAILABLE = "pdp_unavailable"
+    """Policy: the external decision point failed or timed out (fail closed)."""
     HANDLER_FAILED = "handler_failed"
     """The handler raised on every allowed attempt (not a trust failure)."""
 

@@ -19,6 +19,7 @@ from trusthop.bundle import TrustBundle
 from trusthop.chain import Chain, OriginRing
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
+from trusthop.policy import Decision, Policy, check_publish, evaluate
 from trusthop.sign import DEFAULT_HOP_TTL, Identity, append_hop
 from trusthop.verify import Limits, VerifiedContext, verify_chain
 
@@ -34,11 +35,15 @@ H_ATTEMPTS = "trusthop-attempts"
 
 @dataclass(frozen=True, slots=True)
 class TrustedEvent:
-    """A verified delivery: the SDK event, its verified context, its wire form."""
+    """A verified delivery: the SDK event, its verified context, its wire form,
+    and the policy decision that allowed it (``None`` when the verifier has
+    no policy): weakest trust level on the path, each actor's level, the
+    rules that matched."""
 
     event: CloudEvent
     context: VerifiedContext
     wire: WireEvent
+    decision: Decision | None = None
 
 
 class DeliveryViews:
@@ -61,6 +66,11 @@ class DeliveryViews:
     def wire(self) -> WireEvent:
         """The decoded wire form the digest was computed over."""
         return self.trusted.wire
+
+    @property
+    def decision(self) -> Decision | None:
+        """The policy decision (weakest level, matched rules); ``None`` without policy."""
+        return self.trusted.decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,14 +104,23 @@ class ChainSigner:
         identity: the workload's SPIFFE ID, key id and private key.
         hop_ttl: how long a hop ring stays valid (capped by the parent).
         clock: seconds since the epoch; injectable for tests.
+        policy: when given, :meth:`seal` refuses, before signing, an event
+            that a consumer under this policy would reject. It can be
+            replaced at any time (``signer.policy = new``).
     """
 
     def __init__(
-        self, identity: Identity, *, hop_ttl: int = DEFAULT_HOP_TTL, clock: Clock = time.time
+        self,
+        identity: Identity,
+        *,
+        hop_ttl: int = DEFAULT_HOP_TTL,
+        clock: Clock = time.time,
+        policy: Policy | None = None,
     ) -> None:
         self.identity = identity
         self.hop_ttl = hop_ttl
         self._clock = clock
+        self.policy = policy
 
     def seal(
         self,
@@ -122,7 +141,11 @@ class ChainSigner:
         not consume; ``consumed_event_id`` then names the parent event.
 
         Raises:
-            TrustError: the producer-side checks of :func:`append_hop`.
+            TrustError: the policy's reason (``segment_quarantined``,
+                ``insufficient_trust_level``, ``unauthorized_actor``...,
+                see :mod:`trusthop.policy.evaluate`) when a policy is set and
+                denies, checked before anything is signed; then the
+                producer-side checks of :func:`append_hop`.
             ValueError: neither or both of ``origin`` and ``parent``.
         """
         if (origin is None) == (parent is None):
@@ -136,6 +159,19 @@ class ChainSigner:
         else:
             assert parent is not None
             chain = parent
+        if scope is not None and not isinstance(scope, str):
+            scope = tuple(scope)  # read by the policy check and by append_hop
+        policy = self.policy
+        if policy is not None:
+            event_type = wire.attributes.get("type")
+            check_publish(
+                policy,
+                chain,
+                actor=self.identity.actor,
+                destination=destination,
+                event_type=event_type if isinstance(event_type, str) else "",
+                scope=scope,
+            ).raise_if_denied()
         sealed = append_hop(
             self.identity,
             chain,
@@ -164,6 +200,11 @@ class ChainVerifier:
         trust_domain: the only trust domain accepted (default: any bundled one).
         limits: size, depth and clock-skew bounds.
         clock: seconds since the epoch; injectable for tests.
+        policy: when given, evaluated after cryptographic verification; a
+            deny raises :class:`TrustError` with the policy's reason. It can
+            be replaced at any time (``verifier.policy = new``); the next
+            message, however long it waited in a queue, is judged by the new
+            one.
     """
 
     def __init__(
@@ -174,6 +215,7 @@ class ChainVerifier:
         trust_domain: str | None = None,
         limits: Limits = Limits(),
         clock: Clock = time.time,
+        policy: Policy | None = None,
     ) -> None:
         self.bundle = bundle
         if isinstance(origin_actors, str):
@@ -182,12 +224,14 @@ class ChainVerifier:
         self.trust_domain = trust_domain
         self.limits = limits
         self._clock = clock
+        self.policy = policy
 
     def verify(self, wire: WireEvent, destination: str) -> TrustedEvent:
         """Verify ``wire`` as consumed from ``destination``.
 
         Raises:
-            TrustError: any rejection (see :mod:`trusthop.verify`).
+            TrustError: any rejection (see :mod:`trusthop.verify`), then, with
+                a policy, its deny reason (see :mod:`trusthop.policy.evaluate`).
         """
         context = verify_chain(
             wire.chain,
@@ -200,4 +244,12 @@ class ChainVerifier:
             origin_actors=self.origin_actors,
             trust_domain=self.trust_domain,
         )
-        return TrustedEvent(wire.to_cloudevent(), context, wire)
+        event = wire.to_cloudevent()
+        policy = self.policy  # read once: a concurrent swap cannot split a decision
+        if policy is None:
+            return TrustedEvent(event, context, wire)
+        decision = evaluate(
+            policy, context, destination=destination, event_type=str(event.get_type())
+        )
+        decision.raise_if_denied()
+        return TrustedEvent(event, context, wire, decision)

@@ -7,6 +7,7 @@ from typing import Any
 
 from trusthop.canonical import b64url_encode
 from trusthop.chain import Chain, HopRing, OriginRing
+from trusthop.policy import Decision
 from trusthop.verify import VerifiedContext
 
 
@@ -104,3 +105,20 @@ def context_json(context: VerifiedContext) -> dict[str, Any]:
         "event_id": context.event_id,
         "chain_digest": b64url_encode(context.chain_digest),
     }
+
+
+def decision_text(decision: Decision) -> str:
+    """A multi-line human explanation of a policy decision, rule by rule."""
+    verdict = "ALLOWED" if decision.allowed else f"DENIED {decision.reason}"
+    lines = [f"{verdict}: {decision.message}", "actors:"]
+    width = max(len(a.level) for a in decision.actor_levels)
+    for actor in decision.actor_levels:
+        rule = actor.rule or "no member rule matches"
+        lines.append(f"  ring {actor.ring}  {actor.level:{width}}  {actor.actor}  ({rule})")
+    lines.append(f"weakest level: {decision.weakest_level}")
+    lines.append("rules:")
+    for result in decision.matched_rules:
+        tag = "allow" if result.allowed else "deny "
+        why = "" if result.allowed else f"  [{result.reason}]"
+        lines.append(f"  {tag}  {result.rule}: {result.detail}{why}")
+    return "\n".join(lines)
