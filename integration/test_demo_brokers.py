@@ -9,7 +9,7 @@ import sys
 
 from trusthop.demo import run_demo
 from trusthop.demo.brokers import BrokerBus
-from trusthop.demo.flow import EXPECTED, GATEWAY, INVENTORY, SHIPPING
+from trusthop.demo.flow import EXPECTED, GATEWAY, INVENTORY, QUARANTINED, SHIPPING
 
 
 async def test_demo_flow_across_kafka_and_rabbitmq(
@@ -28,6 +28,20 @@ async def test_demo_flow_across_kafka_and_rabbitmq(
     assert [d.actors for d in audited] == [[GATEWAY, GATEWAY, INVENTORY, SHIPPING]] * 2
     assert all(f"kafka:trusthop-demo-audit-{bus.run}" in d.path for d in audited)
     assert all(f"amqp:trusthop-demo-shipping-{bus.run}/order.reserved" in d.path for d in audited)
+    # The policy scenarios: messages waited in the real queue / topic while the
+    # operator swapped the policy, and were dead-lettered under the new one.
+    assert sorted(r.event_id or "" for r in report.rejected if r.scenario == "quarantine") == [
+        f"quarantine-{n + 1}" for n in range(QUARANTINED)
+    ]
+    assert [(c.destination, c.waiting) for c in report.policy_changes] == [
+        (f"amqp:trusthop-demo-shipping-{bus.run}/order.reserved", QUARANTINED),
+        (f"amqp:trusthop-demo-shipping-{bus.run}/order.reserved", 0),
+        (f"kafka:trusthop-demo-audit-{bus.run}", 1),
+        (f"kafka:trusthop-demo-audit-{bus.run}", 0),
+    ]
+    # Every message consumed came out handled or dead-lettered.
+    assert len(report.delivered) + len(report.rejected) == 3 + 4 + QUARANTINED + 7 + 1
+    assert all(d.weakest_level in {"internal", "payments"} for d in report.delivered)
 
 
 def test_demo_command_on_real_brokers(kafka_bootstrap: str, amqp_url: str) -> None:
@@ -55,3 +69,9 @@ def test_demo_command_on_real_brokers(kafka_bootstrap: str, amqp_url: str) -> No
     assert document["transport"] == "kafka+rabbitmq" and document["ok"]
     assert {(r["scenario"], r["reason"]) for r in document["rejected"]} == set(EXPECTED.items())
     assert len(document["delivered"]) == 6
+    assert [c["change"] for c in document["policy_changes"]] == [
+        "quarantine namespace shop",
+        "lift the quarantine of shop",
+        "demote shipping to untrusted",
+        "restore shipping to internal",
+    ]

@@ -11,7 +11,21 @@ import pytest
 from trusthop.cli import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, main
 from trusthop.demo import run_demo
 from trusthop.demo.bus import MemoryBus
-from trusthop.demo.flow import EXPECTED, GATEWAY, INVENTORY, SHIPPING
+from trusthop.demo.flow import (
+    EXPECTED,
+    GATEWAY,
+    INVENTORY,
+    QUARANTINED,
+    SHIPPING,
+    demo_policy,
+    demo_policy_data,
+)
+from trusthop.policy import load_policy
+
+# What each consumer reads: inventory 3 orders; shipping 2 reservations, 2
+# attacks, then the quarantined reservations; the auditor 2 reports, 5
+# attacks and policy refusals, then the report of the demoted shipping.
+CONSUMED = {"inventory": 3, "shipping": 4 + QUARANTINED, "auditor": 7 + 1}
 
 
 def test_memory_demo_delivers_the_orders_and_rejects_every_attack() -> None:
@@ -24,9 +38,47 @@ def test_memory_demo_delivers_the_orders_and_rejects_every_attack() -> None:
     for delivery in audited:
         assert delivery.actors == [GATEWAY, GATEWAY, INVENTORY, SHIPPING]
         assert delivery.scope == ["audit:write"]
+        assert delivery.weakest_level == "internal"
+    assert {d.weakest_level for d in report.delivered if d.consumer == "inventory"} == {"payments"}
     # every message that entered a consumer came out handled or dead-lettered
-    consumed = len(report.delivered) + len(report.rejected)
-    assert consumed == 3 + 4 + 5
+    for consumer, count in CONSUMED.items():
+        handled = [d for d in report.delivered if d.consumer == consumer]
+        dead = [r for r in report.rejected if r.consumer == consumer]
+        assert len(handled) + len(dead) == count, consumer
+
+
+def test_memory_demo_policy_scenarios() -> None:
+    report = asyncio.run(run_demo(MemoryBus()))
+    quarantined = [r for r in report.rejected if r.scenario == "quarantine"]
+    assert [(r.consumer, r.reason) for r in quarantined] == [
+        ("shipping", "segment_quarantined")
+    ] * QUARANTINED
+    assert {r.event_id for r in quarantined} == {f"quarantine-{n + 1}" for n in range(QUARANTINED)}
+    (demoted,) = [r for r in report.rejected if r.scenario == "demoted"]
+    assert (demoted.consumer, demoted.reason) == ("auditor", "insufficient_trust_level")
+    by_scenario = {r.scenario: r.reason for r in report.rejected}
+    assert by_scenario["unauthorized-publisher"] == "unauthorized_actor"
+    assert by_scenario["narrowed-scope"] == "insufficient_scope"
+    changes = [(c.change, c.waiting) for c in report.policy_changes]
+    assert changes == [
+        ("quarantine namespace shop", QUARANTINED),
+        ("lift the quarantine of shop", 0),
+        ("demote shipping to untrusted", 1),
+        ("restore shipping to internal", 0),
+    ]
+
+
+def test_demo_policy_file_is_shipped_and_valid() -> None:
+    import trusthop.demo
+
+    path = Path(trusthop.demo.__file__).parent / "policy.toml"
+    policy = load_policy(path)
+    assert policy.levels == ("untrusted", "internal", "payments")
+    assert policy.segments == ()
+    assert demo_policy_data()["default"] == "deny"
+    quarantined = demo_policy(segments=[{"name": "q", "namespace": "shop"}])
+    assert [s.name for s in quarantined.segments] == ["q"]
+    assert main(["policy", "check", str(path)]) == EXIT_OK
 
 
 def test_demo_json_output(capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,6 +87,8 @@ def test_demo_json_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert document["transport"] == "memory"
     assert {"consumer", "event_id", "type", "subject", "actors"} <= set(document["delivered"][0])
     assert {(r["scenario"], r["reason"]) for r in document["rejected"]} == set(EXPECTED.items())
+    assert all(d["weakest_level"] in {"internal", "payments"} for d in document["delivered"])
+    assert len(document["policy_changes"]) == 4
 
 
 def test_demo_human_output(capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,6 +97,10 @@ def test_demo_human_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert "gateway[origin user:customer-1] → gateway ⇒ kafka:orders → inventory" in out
     for reason in EXPECTED.values():
         assert reason in out
+    assert "weakest: internal" in out and "weakest: payments" in out
+    assert "policy: quarantine namespace shop" in out
+    assert "2 message(s) waiting in amqp:shipping/order.reserved" in out
+    assert "policy: demote shipping to untrusted" in out
 
 
 def test_demo_refuses_half_a_broker_configuration(capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,29 +2,44 @@
 
 Three legitimate orders travel gateway → ``kafka:orders`` → inventory →
 ``amqp:shipping/order.reserved`` → shipping → ``kafka:audit`` → auditor.
-Five attacks are mixed in, each expected to be dead-lettered with its reason:
+Attacks and operator actions are mixed in, each expected to end in the
+dead-letter destination with its reason:
 
-========================  ============  =====================
+========================  ============  ============================
 scenario                  consumer      expected reason
-========================  ============  =====================
+========================  ============  ============================
 tampered-data             inventory     ``event_mismatch``
 replay-other-destination  shipping      ``wrong_destination``
 widened-scope             shipping      ``scope_escalation``
 ring-removed              auditor       ``broken_link``
 unknown-key               auditor       ``unknown_key``
 rogue-origin              auditor       ``unauthorized_actor``
-========================  ============  =====================
+unauthorized-publisher    auditor       ``unauthorized_actor``
+narrowed-scope            auditor       ``insufficient_scope``
+quarantine (x2)           shipping      ``segment_quarantined``
+demoted                   auditor       ``insufficient_trust_level``
+========================  ============  ============================
 
 Consumers accept origin rings from the gateway only: a compromised inventory
 service has a valid key, but cannot start a chain for a user of its choosing.
+
+Every verifier and every legitimate signer uses the demo policy
+(``trusthop/demo/policy.toml``: trust levels, membership, per-destination
+publishers, scope and path). The last two scenarios are policy *changes*:
+messages are produced, wait in the broker, and the operator then swaps the
+policy (quarantines the shop namespace; demotes shipping to ``untrusted``).
+The waiting messages are judged by the new policy when they are consumed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import tomllib
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 from cloudevents.core.v1.event import CloudEvent
@@ -35,6 +50,7 @@ from trusthop.demo.bus import Bus
 from trusthop.event import WireEvent
 from trusthop.keys import SigningKey
 from trusthop.pipeline import ChainSigner, ChainVerifier, TrustedEvent
+from trusthop.policy import Policy, parse_policy
 from trusthop.render import chain_path
 from trusthop.sign import Identity, mint_origin
 
@@ -53,7 +69,34 @@ EXPECTED = {
     "ring-removed": "broken_link",
     "unknown-key": "unknown_key",
     "rogue-origin": "unauthorized_actor",
+    "unauthorized-publisher": "unauthorized_actor",
+    "narrowed-scope": "insufficient_scope",
+    "quarantine": "segment_quarantined",
+    "demoted": "insufficient_trust_level",
 }
+# Scenarios with more than one message (every waiting message is refused).
+QUARANTINED = 2
+EXPECTED_COUNT = {"quarantine": QUARANTINED}
+QUARANTINED_NAMESPACE = "shop"
+
+
+def demo_policy_data() -> dict[str, Any]:
+    """The demo policy file as parsed TOML (``trusthop/demo/policy.toml``)."""
+    text = resources.files("trusthop.demo").joinpath("policy.toml").read_text("utf-8")
+    return tomllib.loads(text)
+
+
+def demo_policy(
+    *,
+    segments: list[Mapping[str, Any]] | None = None,
+    members: list[Mapping[str, Any]] | None = None,
+) -> Policy:
+    """The demo policy, optionally with extra segment and member entries: the
+    policies the demo's operator swaps in."""
+    data = demo_policy_data()
+    data["segments"] = [*data.get("segments", []), *(dict(s) for s in segments or ())]
+    data["members"] = [*data.get("members", []), *(dict(m) for m in members or ())]
+    return parse_policy(data, source="trusthop/demo/policy.toml")
 
 
 @dataclass
@@ -66,6 +109,16 @@ class Delivery:
     scope: list[str]
     transaction_id: str
     path: str
+    weakest_level: str | None = None
+
+
+@dataclass
+class PolicyChange:
+    """An operator's policy swap, made while ``waiting`` messages sat in ``destination``."""
+
+    change: str
+    destination: str
+    waiting: int
 
 
 @dataclass
@@ -84,6 +137,7 @@ class DemoReport:
     delivered: list[Delivery] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    policy_changes: list[PolicyChange] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -96,6 +150,7 @@ class DemoReport:
             "delivered": [dataclasses.asdict(d) for d in self.delivered],
             "rejected": [dataclasses.asdict(r) for r in self.rejected],
             "problems": self.problems,
+            "policy_changes": [dataclasses.asdict(c) for c in self.policy_changes],
         }
 
 
@@ -143,7 +198,20 @@ async def run_demo(bus: Bus) -> DemoReport:
     """Run the whole flow on ``bus`` and check every expectation."""
     cast = _Cast()
     report = DemoReport(bus.name)
-    verifier = ChainVerifier(cast.bundle, origin_actors=[GATEWAY])
+    policy = demo_policy()
+    verifier = ChainVerifier(cast.bundle, origin_actors=[GATEWAY], policy=policy)
+    # The legitimate workloads check the policy before signing; attackers don't.
+    gateway = ChainSigner(cast.gateway, policy=policy)
+    inventory = ChainSigner(cast.inventory, policy=policy)
+    shipper = ChainSigner(cast.shipping, policy=policy)
+
+    def operator(change: str, new: Policy, destination: str, waiting: int) -> None:
+        """Swap the policy everywhere; messages already queued get the new one."""
+        report.policy_changes.append(PolicyChange(change, destination, waiting))
+        verifier.policy = new
+        for signer in (gateway, inventory, shipper):
+            signer.policy = new
+
     orders = bus.kafka("orders")
     shipping = bus.amqp("shipping", "order.reserved")
     audit = bus.kafka("audit")
@@ -162,11 +230,11 @@ async def run_demo(bus: Bus) -> DemoReport:
                 sorted(ctx.scope),
                 ctx.transaction_id,
                 chain_path(ctx.chain),
+                None if trusted.decision is None else trusted.decision.weakest_level,
             )
         )
 
     # 1. The gateway verified each user's token (elsewhere) and mints an origin.
-    gateway = ChainSigner(cast.gateway)
     now = time.time()
     for n in range(1, ORDERS + 1):
         origin = mint_origin(
@@ -195,7 +263,6 @@ async def run_demo(bus: Bus) -> DemoReport:
             await bus.publish(gateway, orders, order, origin=origin)
 
     # 2. Inventory reserves stock and tells shipping, narrowing the scope.
-    inventory = ChainSigner(cast.inventory)
 
     async def on_order(trusted: TrustedEvent) -> None:
         record("inventory", trusted)
@@ -247,7 +314,6 @@ async def run_demo(bus: Bus) -> DemoReport:
     injected[("shipping", event.id)] = "widened-scope"
 
     # 3. Shipping schedules the parcel and reports to the audit topic.
-    shipper = ChainSigner(cast.shipping)
     at_shipping: list[TrustedEvent] = []
 
     async def on_reserved(trusted: TrustedEvent) -> None:
@@ -303,7 +369,9 @@ async def run_demo(bus: Bus) -> DemoReport:
         scope=["audit:write", "payments:refund"],
         now=now,
     )
-    rogue_chain = inventory.seal(
+    # (A compromised workload skips its own policy check.)
+    unpoliced_inventory = ChainSigner(cast.inventory)
+    rogue_chain = unpoliced_inventory.seal(
         _event(
             "com.example.shipping.scheduled",
             "/inventory",
@@ -316,13 +384,104 @@ async def run_demo(bus: Bus) -> DemoReport:
     await bus.inject(audit, rogue_chain)
     injected[("auditor", rogue_chain.id)] = "rogue-origin"
 
+    # Policy: inventory (valid key, valid chain, but no policy check of its
+    # own) reports to the audit topic itself; only logistics may publish there.
+    skipped = unpoliced_inventory.seal(
+        _event(
+            "com.example.shipping.scheduled",
+            "/inventory",
+            {"order": 1, "carrier": "NONE"},
+            "unauthorized-publisher-1",
+        ),
+        destination=audit,
+        parent=captured[0].context,
+        scope=["audit:write"],
+    )
+    await bus.inject(audit, skipped)
+    injected[("auditor", skipped.id)] = "unauthorized-publisher"
+
+    # Policy: shipping narrows its scope below what the audit topic requires.
+    unpoliced_shipping = ChainSigner(cast.shipping)
+    narrow = unpoliced_shipping.seal(
+        _event(
+            "com.example.shipping.scheduled",
+            "/shipping",
+            {"order": 1, "carrier": "ACME"},
+            "narrowed-scope-1",
+        ),
+        destination=audit,
+        parent=at_shipping[0].context,
+        scope=["shipping:create"],
+    )
+    await bus.inject(audit, narrow)
+    injected[("auditor", narrow.id)] = "narrowed-scope"
+
     # 4. The auditor reads the audit topic and keeps every full chain.
     async def on_audit(trusted: TrustedEvent) -> None:
         record("auditor", trusted)
 
     await bus.consume(
-        audit, consumer="auditor", verifier=verifier, handler=on_audit, count=ORDERS - 1 + 3
+        audit, consumer="auditor", verifier=verifier, handler=on_audit, count=ORDERS - 1 + 5
     )
+
+    # 5. Quarantine: inventory publishes more reservations (allowed when sent);
+    # while they wait in the shipping queue the operator quarantines the shop
+    # namespace. Shipping then consumes them under the new policy.
+    for n in range(1, QUARANTINED + 1):
+        parent_delivery = captured[(n - 1) % len(captured)]
+        late = _event(
+            "com.example.inventory.reserved",
+            "/inventory",
+            {"order": _order_of(parent_delivery), "reserved": True},
+            f"quarantine-{n}",
+        )
+        await bus.publish(
+            inventory,
+            shipping,
+            late,
+            parent=parent_delivery.context,
+            scope=["shipping:create", "audit:write"],
+        )
+        injected[("shipping", late.get_id())] = "quarantine"
+    operator(
+        f"quarantine namespace {QUARANTINED_NAMESPACE}",
+        demo_policy(
+            segments=[
+                {"name": "shop-quarantine", "namespace": QUARANTINED_NAMESPACE, "deny": ["*"]}
+            ]
+        ),
+        shipping,
+        QUARANTINED,
+    )
+
+    async def on_late(trusted: TrustedEvent) -> None:
+        record("shipping", trusted)  # not expected: _check reports it
+
+    await bus.consume(
+        shipping, consumer="shipping", verifier=verifier, handler=on_late, count=QUARANTINED
+    )
+    operator(f"lift the quarantine of {QUARANTINED_NAMESPACE}", policy, shipping, 0)
+
+    # 6. Demotion: shipping reports once more; while the event waits in the
+    # audit topic the operator demotes shipping below the required level.
+    late_report = _event(
+        "com.example.shipping.scheduled",
+        "/shipping",
+        {"order": _order_of(at_shipping[0]), "carrier": "ACME"},
+        "demoted-1",
+    )
+    await bus.publish(
+        shipper, audit, late_report, parent=at_shipping[0].context, scope=["audit:write"]
+    )
+    injected[("auditor", late_report.get_id())] = "demoted"
+    operator(
+        "demote shipping to untrusted",
+        demo_policy(members=[{"id": SHIPPING, "level": "untrusted"}]),
+        audit,
+        1,
+    )
+    await bus.consume(audit, consumer="auditor", verifier=verifier, handler=on_audit, count=1)
+    operator("restore shipping to internal", policy, audit, 0)
 
     for consumer, destination in (
         ("inventory", orders),
@@ -337,15 +496,28 @@ async def run_demo(bus: Bus) -> DemoReport:
 
 
 def _check(report: DemoReport) -> None:
-    got = {r.scenario: r.reason for r in report.rejected}
+    got: dict[str, list[str]] = {}
+    for r in report.rejected:
+        got.setdefault(r.scenario, []).append(r.reason)
     for scenario, reason in EXPECTED.items():
-        if got.get(scenario) != reason:
-            report.problems.append(f"{scenario}: expected {reason}, got {got.get(scenario)}")
-    if len(report.rejected) != len(EXPECTED):
-        report.problems.append(f"{len(report.rejected)} rejections, expected {len(EXPECTED)}")
+        want = [reason] * EXPECTED_COUNT.get(scenario, 1)
+        if got.get(scenario) != want:
+            report.problems.append(f"{scenario}: expected {want}, got {got.get(scenario)}")
+    total = sum(EXPECTED_COUNT.get(scenario, 1) for scenario in EXPECTED)
+    if len(report.rejected) != total:
+        report.problems.append(f"{len(report.rejected)} rejections, expected {total}")
+    shipped = [d for d in report.delivered if d.consumer == "shipping"]
+    if len(shipped) != ORDERS - 1:
+        report.problems.append(f"shipping saw {len(shipped)} events, expected {ORDERS - 1}")
     audited = [d for d in report.delivered if d.consumer == "auditor"]
     if len(audited) != ORDERS - 1:
         report.problems.append(f"auditor saw {len(audited)} events, expected {ORDERS - 1}")
     for d in audited:
         if d.actors != [GATEWAY, GATEWAY, INVENTORY, SHIPPING]:
             report.problems.append(f"{d.event_id}: unexpected path {d.actors}")
+    for d in report.delivered:
+        # Only the gateway (payments) signed what inventory reads; later hops are internal.
+        if d.weakest_level != ("payments" if d.consumer == "inventory" else "internal"):
+            report.problems.append(f"{d.event_id}: weakest level {d.weakest_level}")
+    if len(report.policy_changes) != 4:
+        report.problems.append(f"{len(report.policy_changes)} policy changes, expected 4")

@@ -16,8 +16,16 @@ def print_report(report: DemoReport, out: TextIO) -> None:
         path = " → ".join(short_name(a) for a in d.actors[1:])
         out.write(
             f"  {d.consumer:<9} {d.type:<32} for {d.subject:<16} "
-            f"path: {short_name(d.actors[0])}[origin] → {path}  scope: {' '.join(d.scope)}\n"
+            f"path: {short_name(d.actors[0])}[origin] → {path}  scope: {' '.join(d.scope)}"
+            f"  weakest: {d.weakest_level or '-'}\n"
         )
+    if report.policy_changes:
+        out.write(
+            "\nPolicy changes (the operator swaps the policy; queued messages get the new one):\n"
+        )
+        for c in report.policy_changes:
+            waiting = f"{c.waiting} message(s) waiting in" if c.waiting else "after consuming"
+            out.write(f"  policy: {c.change:<34} ({waiting} {c.destination})\n")
     out.write("\nRejected (dead-lettered with their reason):\n")
     for r in report.rejected:
         out.write(f"  {r.consumer:<9} {r.scenario:<26} → {r.reason}  (event {r.event_id})\n")
@@ -31,7 +39,8 @@ def print_report(report: DemoReport, out: TextIO) -> None:
     if report.ok:
         out.write(
             f"OK: {len(report.delivered)} deliveries verified, "
-            f"{len(report.rejected)} attacks rejected, nothing lost.\n"
+            f"{len(report.rejected)} attacks and policy refusals dead-lettered, "
+            f"{len(report.policy_changes)} policy changes, nothing lost.\n"
         )
     else:
         out.write("PROBLEMS:\n")
