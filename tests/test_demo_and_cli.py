@@ -297,3 +297,11 @@ def test_cli_unreadable_inputs_are_usage_errors(
     emit[2] = str(tmp_path / "enc.pem")
     assert main([*emit, str(tmp_path / "ev.json")]) == EXIT_USAGE
     assert "cannot load key" in capsys.readouterr().err
+
+
+def test_the_producer_refuses_before_signing_with_the_consumers_reason() -> None:
+    report = asyncio.run(run_demo(MemoryBus()))
+    refused = [(r.producer, r.scenario, r.reason) for r in report.refused_at_send]
+    assert refused == [("inventory", "unauthorized-publisher", "unauthorized_actor")]
+    consumer_side = {r.scenario: r.reason for r in report.rejected}
+    assert consumer_side["unauthorized-publisher"] == refused[0][2]

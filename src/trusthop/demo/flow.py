@@ -47,6 +47,7 @@ from cloudevents.core.v1.event import CloudEvent
 from trusthop.bundle import TrustBundle
 from trusthop.chain import Chain, HopRing
 from trusthop.demo.bus import Bus
+from trusthop.errors import TrustError
 from trusthop.event import WireEvent
 from trusthop.keys import SigningKey
 from trusthop.pipeline import ChainSigner, ChainVerifier, TrustedEvent
@@ -130,6 +131,15 @@ class Rejected:
 
 
 @dataclass
+class Refused:
+    """A publish the producer's own policy check refused before signing."""
+
+    producer: str
+    scenario: str
+    reason: str
+
+
+@dataclass
 class DemoReport:
     """What the demo observed; ``ok`` when every expectation held."""
 
@@ -138,6 +148,7 @@ class DemoReport:
     rejected: list[Rejected] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     policy_changes: list[PolicyChange] = field(default_factory=list)
+    refused_at_send: list[Refused] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -151,6 +162,7 @@ class DemoReport:
             "rejected": [dataclasses.asdict(r) for r in self.rejected],
             "problems": self.problems,
             "policy_changes": [dataclasses.asdict(c) for c in self.policy_changes],
+            "refused_at_send": [dataclasses.asdict(r) for r in self.refused_at_send],
         }
 
 
@@ -384,6 +396,20 @@ async def run_demo(bus: Bus) -> DemoReport:
     await bus.inject(audit, rogue_chain)
     injected[("auditor", rogue_chain.id)] = "rogue-origin"
 
+    # Policy, producer side: inventory's own signer checks the same policy and
+    # refuses before signing, with the reason the auditor would give.
+    try:
+        inventory.seal(
+            _event("com.example.shipping.scheduled", "/inventory", {"order": 1}, "refused-1"),
+            destination=audit,
+            parent=captured[0].context,
+            scope=["audit:write"],
+        )
+    except TrustError as error:
+        report.refused_at_send.append(
+            Refused("inventory", "unauthorized-publisher", error.reason.value)
+        )
+
     # Policy: inventory (valid key, valid chain, but no policy check of its
     # own) reports to the audit topic itself; only logistics may publish there.
     skipped = unpoliced_inventory.seal(
@@ -519,5 +545,8 @@ def _check(report: DemoReport) -> None:
         # Only the gateway (payments) signed what inventory reads; later hops are internal.
         if d.weakest_level != ("payments" if d.consumer == "inventory" else "internal"):
             report.problems.append(f"{d.event_id}: weakest level {d.weakest_level}")
+    sent = [(r.scenario, r.reason) for r in report.refused_at_send]
+    if sent != [("unauthorized-publisher", EXPECTED["unauthorized-publisher"])]:
+        report.problems.append(f"producer-side refusal: {sent}, expected the consumer's reason")
     if len(report.policy_changes) != 4:
         report.problems.append(f"{len(report.policy_changes)} policy changes, expected 4")

@@ -29,6 +29,10 @@ def print_report(report: DemoReport, out: TextIO) -> None:
     out.write("\nRejected (dead-lettered with their reason):\n")
     for r in report.rejected:
         out.write(f"  {r.consumer:<9} {r.scenario:<26} → {r.reason}  (event {r.event_id})\n")
+    if report.refused_at_send:
+        out.write("\nRefused before signing (the producer checks the same policy):\n")
+        for refused in report.refused_at_send:
+            out.write(f"  {refused.producer:<9} {refused.scenario:<26} → {refused.reason}\n")
     audited = [d for d in report.delivered if d.consumer == "auditor"]
     if audited:
         out.write("\nFull chains seen by the auditor:\n")
