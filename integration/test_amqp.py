@@ -55,6 +55,7 @@ from trusthop.pipeline import (
     ChainSigner,
     ChainVerifier,
 )
+from trusthop.policy.pdp import PdpResult
 from trusthop.sign import Identity, append_hop, mint_origin
 
 WAIT = 15.0
@@ -654,6 +655,60 @@ async def test_handler_failures_are_retried_then_dead_lettered(rabbit: Rabbit) -
     assert "boom on always" in str(letter.headers[H_DETAIL])
     assert letter.headers["cloudEvents_id"] == "always"
     assert letter.body == bodies["always"]
+
+
+async def test_pdp_decides_and_fails_closed(rabbit: Rabbit) -> None:
+    # The worker awaits the verifier's PDP: allow delivers, deny and a hung
+    # PDP dead-letter (unauthorized_actor, pdp_unavailable), nothing is lost.
+    channel = await rabbit.channel()
+    orders_x = await rabbit.exchange(channel, "pdp-orders")
+    queue = rabbit.queue("pdp")
+    asked: list[str] = []
+
+    async def pdp(request: dict[str, Any]) -> PdpResult:
+        asked.append(request["resource"]["id"])
+        if request["context"]["transaction_id"] == "hang":
+            await asyncio.sleep(3600)
+        return PdpResult(request["context"]["transaction_id"] != "deny", "not today")
+
+    worker = TrustedWorker(
+        channel,
+        verifier=ChainVerifier(BUNDLE, pdp=pdp, pdp_timeout=0.1),
+        dead_letter_exchange=rabbit.dlx,
+    )
+    delivered: list[str] = []
+
+    @worker.handler(queue, bind=[(orders_x.name, "order.placed")])
+    async def on_order(delivery: Delivery) -> None:
+        delivered.append(delivery.context.transaction_id)
+
+    publisher = TrustedPublisher(await rabbit.channel(), signer=ChainSigner(EDGE))
+    async with worker:
+        for txn in ("allow", "deny", "hang"):
+            origin = mint_origin(
+                EDGE,
+                subject="user:alice",
+                issuer="https://idp.example.com",
+                credential="token",
+                scope=SCOPE,
+                now=time.time(),
+                ttl=600,
+                transaction_id=txn,
+            )
+            await publisher.publish(
+                order_event(txn), exchange=orders_x.name, routing_key="order.placed", origin=origin
+            )
+        await eventually(
+            lambda: worker.stats.delivered + worker.stats.total_dead_lettered == 3,
+            "three settled messages",
+        )
+    await channel.close()
+
+    assert delivered == ["allow"]
+    assert asked == [amqp_destination(orders_x.name, "order.placed")] * 3
+    letters = await rabbit.drain(dead_letter_queue_name(queue))
+    reasons = {str(m.headers["cloudEvents_id"]): m.headers[H_REASON] for m in letters}
+    assert reasons == {"deny": "unauthorized_actor", "hang": "pdp_unavailable"}
 
 
 async def test_ack_only_after_handler_and_redelivery_is_accepted(rabbit: Rabbit) -> None:

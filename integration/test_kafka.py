@@ -563,14 +563,14 @@ async def test_poison_records_are_dead_lettered_and_the_consumer_moves_on(
     # core raises besides TrustError must not stop or stall the consumer.
     import trusthop.kafka.consumer as consumer_module
 
-    real_verify = consumer_module.verify_record
+    real_verify = consumer_module.verify_record_async
 
-    def buggy_verify(verifier: ChainVerifier, **kwargs: Any) -> Any:
+    async def buggy_verify(verifier: ChainVerifier, **kwargs: Any) -> Any:
         if kwargs["value"] == bug.value:
             raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
-        return real_verify(verifier, **kwargs)
+        return await real_verify(verifier, **kwargs)
 
-    monkeypatch.setattr(consumer_module, "verify_record", buggy_verify)
+    monkeypatch.setattr(consumer_module, "verify_record_async", buggy_verify)
 
     cases: list[RawRecord] = [
         # A lone surrogate in structured mode (a TrustError or a decoder bug,

@@ -823,14 +823,14 @@ def bug_on_poison(monkeypatch: pytest.MonkeyPatch, target: str, error: Exception
     """
     module, _, name = target.rpartition(".")
     if module == "verifier":
-        real = VERIFIER.verify
+        real = VERIFIER.verify_async  # what the consumer awaits
 
-        def verify(wire: Any, destination: str) -> Any:
+        async def verify(wire: Any, destination: str) -> Any:
             if wire.attributes.get("id") == "poison":
                 raise error
-            return real(wire, destination)
+            return await real(wire, destination)
 
-        monkeypatch.setattr(VERIFIER, "verify", verify)
+        monkeypatch.setattr(VERIFIER, "verify_async", verify)
         return
     import importlib
 

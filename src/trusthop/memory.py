@@ -147,7 +147,7 @@ class MemoryConsumer:
     async def _process(self, message: MemoryMessage, handler: Handler) -> None:
         try:
             wire = decode_kafka(message.headers, message.value)
-            trusted = self.verifier.verify(wire, self.destination)
+            trusted = await self.verifier.verify_async(wire, self.destination)
         except TrustError as error:
             self._dead_letter(
                 message, Rejection.of(error, source=self.destination, consumer=self.group_id)

@@ -20,6 +20,14 @@ from trusthop.chain import Chain, OriginRing
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
 from trusthop.policy import Decision, Policy, check_publish, evaluate
+from trusthop.policy.decisions import PdpOutcome, decision_record, log_decision
+from trusthop.policy.pdp import (
+    DEFAULT_PDP_TIMEOUT,
+    PolicyDecisionPoint,
+    authzen_request,
+    consult,
+)
+from trusthop.policy.source import PolicySource, current_policy
 from trusthop.sign import DEFAULT_HOP_TTL, Identity, append_hop
 from trusthop.verify import Limits, VerifiedContext, verify_chain
 
@@ -44,6 +52,8 @@ class TrustedEvent:
     context: VerifiedContext
     wire: WireEvent
     decision: Decision | None = None
+    policy: Policy | None = None
+    """The policy that took ``decision`` (``None`` without policy)."""
 
 
 class DeliveryViews:
@@ -105,8 +115,10 @@ class ChainSigner:
         hop_ttl: how long a hop ring stays valid (capped by the parent).
         clock: seconds since the epoch; injectable for tests.
         policy: when given, :meth:`seal` refuses, before signing, an event
-            that a consumer under this policy would reject. It can be
-            replaced at any time (``signer.policy = new``).
+            that a consumer under this policy would reject. A
+            :class:`~trusthop.policy.source.PolicySource` is read at every
+            seal (reloads apply at once); either can be replaced at any time
+            (``signer.policy = new``).
     """
 
     def __init__(
@@ -115,7 +127,7 @@ class ChainSigner:
         *,
         hop_ttl: int = DEFAULT_HOP_TTL,
         clock: Clock = time.time,
-        policy: Policy | None = None,
+        policy: Policy | PolicySource | None = None,
     ) -> None:
         self.identity = identity
         self.hop_ttl = hop_ttl
@@ -161,7 +173,7 @@ class ChainSigner:
             chain = parent
         if scope is not None and not isinstance(scope, str):
             scope = tuple(scope)  # read by the policy check and by append_hop
-        policy = self.policy
+        policy = current_policy(self.policy)
         if policy is not None:
             event_type = wire.attributes.get("type")
             check_publish(
@@ -201,10 +213,21 @@ class ChainVerifier:
         limits: size, depth and clock-skew bounds.
         clock: seconds since the epoch; injectable for tests.
         policy: when given, evaluated after cryptographic verification; a
-            deny raises :class:`TrustError` with the policy's reason. It can
-            be replaced at any time (``verifier.policy = new``); the next
-            message, however long it waited in a queue, is judged by the new
-            one.
+            deny raises :class:`TrustError` with the policy's reason. A
+            :class:`~trusthop.policy.source.PolicySource` is read at every
+            message, so a reload applies at once; either can be replaced at
+            any time (``verifier.policy = new``); the next message, however
+            long it waited in a queue, is judged by the new one.
+        pdp: an external decision point (see :mod:`trusthop.policy.pdp`),
+            asked after the local policy allowed (or after cryptographic
+            verification, without a policy). Only :meth:`verify_async`
+            consults it; :meth:`verify` refuses to run when one is set.
+        pdp_timeout: seconds the PDP may take; longer fails closed with
+            ``pdp_unavailable``.
+
+    Every decision taken with a policy or a PDP (allow and deny) is logged
+    as one JSON line on ``trusthop.decisions``
+    (:mod:`trusthop.policy.decisions`).
     """
 
     def __init__(
@@ -215,8 +238,12 @@ class ChainVerifier:
         trust_domain: str | None = None,
         limits: Limits = Limits(),
         clock: Clock = time.time,
-        policy: Policy | None = None,
+        policy: Policy | PolicySource | None = None,
+        pdp: PolicyDecisionPoint | None = None,
+        pdp_timeout: float = DEFAULT_PDP_TIMEOUT,
     ) -> None:
+        if pdp_timeout <= 0:
+            raise ValueError("pdp_timeout must be positive")
         self.bundle = bundle
         if isinstance(origin_actors, str):
             raise TypeError("origin_actors is a collection of SPIFFE IDs, not one string")
@@ -225,14 +252,62 @@ class ChainVerifier:
         self.limits = limits
         self._clock = clock
         self.policy = policy
+        self.pdp = pdp
+        self.pdp_timeout = pdp_timeout
 
     def verify(self, wire: WireEvent, destination: str) -> TrustedEvent:
-        """Verify ``wire`` as consumed from ``destination``.
+        """Verify ``wire`` as consumed from ``destination`` (no PDP).
 
         Raises:
             TrustError: any rejection (see :mod:`trusthop.verify`), then, with
                 a policy, its deny reason (see :mod:`trusthop.policy.evaluate`).
+            RuntimeError: a PDP is configured (it is async: use
+                :meth:`verify_async`); raised before anything is verified.
         """
+        if self.pdp is not None:
+            raise RuntimeError("this verifier has a PDP: use 'await verifier.verify_async(...)'")
+        return self._verify_local(wire, destination, log=True)
+
+    async def verify_async(self, wire: WireEvent, destination: str) -> TrustedEvent:
+        """Verify ``wire`` as consumed from ``destination``, then ask the PDP.
+
+        The same checks as :meth:`verify`; when the local policy (if any)
+        allows and a PDP is set, the PDP gets the AuthZEN-shaped request of
+        :func:`~trusthop.policy.pdp.authzen_request` (action ``consume``).
+        Without a PDP this is :meth:`verify`.
+
+        Raises:
+            TrustError: what :meth:`verify` raises; then ``pdp_unavailable``
+                on a PDP timeout, exception or malformed answer (fail
+                closed), or the PDP's deny reason (see
+                :func:`~trusthop.policy.pdp.consult`).
+        """
+        pdp = self.pdp
+        trusted = self._verify_local(wire, destination, log=pdp is None)
+        if pdp is None:
+            return trusted
+        request = authzen_request(
+            trusted.context,
+            action="consume",
+            destination=destination,
+            event_type=str(trusted.event.get_type()),
+            decision=trusted.decision,
+        )
+        try:
+            await consult(pdp, request, seconds=self.pdp_timeout)
+        except TrustError as error:
+            outcome: PdpOutcome = (
+                "unavailable" if error.reason is Reason.PDP_UNAVAILABLE else "deny"
+            )
+            self._log(trusted, destination, error.reason, error.message, outcome)
+            raise
+        message = "allowed by the external decision point"
+        if trusted.decision is not None:
+            message = f"{trusted.decision.message}; {message}"
+        self._log(trusted, destination, None, message, "allow")
+        return trusted
+
+    def _verify_local(self, wire: WireEvent, destination: str, *, log: bool) -> TrustedEvent:
         context = verify_chain(
             wire.chain,
             bundle=self.bundle,
@@ -245,11 +320,39 @@ class ChainVerifier:
             trust_domain=self.trust_domain,
         )
         event = wire.to_cloudevent()
-        policy = self.policy  # read once: a concurrent swap cannot split a decision
+        source = self.policy  # read once: a concurrent swap cannot split a decision
+        policy = current_policy(source)
         if policy is None:
             return TrustedEvent(event, context, wire)
         decision = evaluate(
             policy, context, destination=destination, event_type=str(event.get_type())
         )
+        trusted = TrustedEvent(event, context, wire, decision, policy)
+        if log or not decision.allowed:
+            self._log(trusted, destination, decision.reason, decision.message, None)
         decision.raise_if_denied()
-        return TrustedEvent(event, context, wire, decision)
+        return trusted
+
+    def _log(
+        self,
+        trusted: TrustedEvent,
+        destination: str,
+        reason: Reason | None,
+        message: str,
+        pdp: PdpOutcome | None,
+    ) -> None:
+        source = self.policy
+        log_decision(
+            decision_record(
+                trusted.context,
+                destination=destination,
+                event_type=str(trusted.event.get_type()),
+                decision=trusted.decision,
+                policy=trusted.policy,
+                policy_source=str(source.path) if isinstance(source, PolicySource) else None,
+                allowed=reason is None,
+                reason=reason,
+                message=message,
+                pdp=pdp,
+            )
+        )

@@ -59,6 +59,7 @@ from trusthop.amqp.messages import (
     minimal_dead_letter_headers,
     routing_key_matches,
     verify_delivery,
+    verify_delivery_async,
 )
 from trusthop.amqp.publisher import PublishRefused, TrustedPublisher
 from trusthop.amqp.worker import Delivery, Handler, TrustedWorker, WorkerStats
@@ -80,4 +81,5 @@ __all__ = [
     "minimal_dead_letter_headers",
     "routing_key_matches",
     "verify_delivery",
+    "verify_delivery_async",
 ]

@@ -30,6 +30,7 @@ from pamqp.common import FieldValue
 from trusthop.bindings.amqp import decode_amqp
 from trusthop.destination import amqp_destination
 from trusthop.errors import Reason, TrustError
+from trusthop.event import WireEvent
 from trusthop.pipeline import ChainVerifier, Rejection, TrustedEvent
 
 DEFAULT_DEAD_LETTER_EXCHANGE = "trusthop.dlx"
@@ -151,35 +152,17 @@ def _source(exchange: str | None, routing_key: str | None) -> tuple[str, TrustEr
         return f"amqp:{exchange}/{routing_key}", TrustError(Reason.WRONG_DESTINATION, str(exc))
 
 
-def verify_delivery(
-    verifier: ChainVerifier,
+def _checked_wire(
     *,
     headers: Mapping[str, Any] | None,
     body: bytes,
     content_type: str | None,
     exchange: str | None,
     routing_key: str | None,
-    queue: str | None = None,
-    bindings: Collection[Binding] | None = None,
-) -> TrustedEvent:
-    """Decode and verify one delivered message, as the worker does.
-
-    In order: a ``CC``/``BCC`` header (:func:`routing_headers`) is refused;
-    an exchange name no trusthop publisher can sign for is refused; when
-    ``bindings`` is given, a delivery to ``queue`` that none of them (nor the
-    default exchange) can have routed is refused
-    (:func:`delivery_matches_bindings`); then the message is decoded and its
-    chain verified against ``amqp:<exchange>/<routing key>``. With
-    ``bindings=None`` only the chain's destination is checked.
-
-    Pure (no I/O). ``x-*`` and other non-CloudEvents headers are ignored by
-    the decoder, so they are neither trusted nor covered by the digest.
-
-    Raises:
-        TrustError: the only exception, whatever the headers and body hold;
-            ``wrong_destination`` for the three routing checks.
-        ValueError: ``bindings`` given without ``queue`` (a caller's bug).
-    """
+    queue: str | None,
+    bindings: Collection[Binding] | None,
+) -> tuple[WireEvent, str]:
+    # The routing checks and decoding of verify_delivery (see there).
     if bindings is not None and queue is None:
         raise ValueError("bindings= needs queue= (the default exchange routes by queue name)")
     copied = routing_headers(headers)
@@ -201,8 +184,85 @@ def verify_delivery(
             Reason.WRONG_DESTINATION,
             f"{destination[:300]} matches none of the bindings expected for queue {queue[:255]!r}",
         )
-    wire = decode_amqp(headers, body, content_type)
+    return decode_amqp(headers, body, content_type), destination
+
+
+def verify_delivery(
+    verifier: ChainVerifier,
+    *,
+    headers: Mapping[str, Any] | None,
+    body: bytes,
+    content_type: str | None,
+    exchange: str | None,
+    routing_key: str | None,
+    queue: str | None = None,
+    bindings: Collection[Binding] | None = None,
+) -> TrustedEvent:
+    """Decode and verify one delivered message, as the worker does (the
+    worker runs :func:`verify_delivery_async`, which also asks the
+    verifier's external decision point).
+
+    In order: a ``CC``/``BCC`` header (:func:`routing_headers`) is refused;
+    an exchange name no trusthop publisher can sign for is refused; when
+    ``bindings`` is given, a delivery to ``queue`` that none of them (nor the
+    default exchange) can have routed is refused
+    (:func:`delivery_matches_bindings`); then the message is decoded and its
+    chain verified against ``amqp:<exchange>/<routing key>``. With
+    ``bindings=None`` only the chain's destination is checked.
+
+    Pure (no I/O). ``x-*`` and other non-CloudEvents headers are ignored by
+    the decoder, so they are neither trusted nor covered by the digest.
+
+    Raises:
+        TrustError: the only exception, whatever the headers and body hold;
+            ``wrong_destination`` for the three routing checks.
+        ValueError: ``bindings`` given without ``queue`` (a caller's bug).
+        RuntimeError: the verifier has a PDP (use :func:`verify_delivery_async`).
+    """
+    wire, destination = _checked_wire(
+        headers=headers,
+        body=body,
+        content_type=content_type,
+        exchange=exchange,
+        routing_key=routing_key,
+        queue=queue,
+        bindings=bindings,
+    )
     return verifier.verify(wire, destination)
+
+
+async def verify_delivery_async(
+    verifier: ChainVerifier,
+    *,
+    headers: Mapping[str, Any] | None,
+    body: bytes,
+    content_type: str | None,
+    exchange: str | None,
+    routing_key: str | None,
+    queue: str | None = None,
+    bindings: Collection[Binding] | None = None,
+) -> TrustedEvent:
+    """:func:`verify_delivery`, with the verifier's external decision point.
+
+    The same routing checks and decoding, then
+    :meth:`ChainVerifier.verify_async` (which awaits the PDP, if one is
+    configured). No broker I/O. What the worker runs.
+
+    Raises:
+        TrustError: as :func:`verify_delivery`, plus ``pdp_unavailable`` or
+            the PDP's deny reason.
+        ValueError: ``bindings`` given without ``queue`` (a caller's bug).
+    """
+    wire, destination = _checked_wire(
+        headers=headers,
+        body=body,
+        content_type=content_type,
+        exchange=exchange,
+        routing_key=routing_key,
+        queue=queue,
+        bindings=bindings,
+    )
+    return await verifier.verify_async(wire, destination)
 
 
 # --------------------------------------------------------------------------- #

@@ -66,7 +66,7 @@ from trusthop.amqp.messages import (
     dead_letter_queue_name,
     header_budget,
     minimal_dead_letter_headers,
-    verify_delivery,
+    verify_delivery_async,
 )
 from trusthop.amqp.publisher import PublishRefused, _publish_confirmed, _require_confirms
 from trusthop.errors import Reason, TrustError
@@ -397,7 +397,7 @@ class TrustedWorker:
                 await message.nack(requeue=True)
                 return
             try:
-                trusted = verify_delivery(
+                trusted = await verify_delivery_async(
                     self.verifier,
                     headers=message.headers,
                     body=message.body,

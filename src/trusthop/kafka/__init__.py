@@ -49,6 +49,7 @@ from trusthop.kafka.records import (
     record_size,
     stub_dead_letter_headers,
     verify_record,
+    verify_record_async,
 )
 
 __all__ = [
@@ -69,4 +70,5 @@ __all__ = [
     "record_size",
     "stub_dead_letter_headers",
     "verify_record",
+    "verify_record_async",
 ]

@@ -64,7 +64,7 @@ from trusthop.kafka.records import (
     default_dead_letter_topic,
     record_size,
     stub_dead_letter_headers,
-    verify_record,
+    verify_record_async,
 )
 from trusthop.pipeline import ChainVerifier, DeliveryViews, Rejection, TrustedEvent
 
@@ -713,7 +713,7 @@ class TrustedKafkaConsumer:
             self.stats.dead_lettered[rejection.reason] += 1
             return None
         try:
-            trusted = verify_record(
+            trusted = await verify_record_async(
                 self.verifier, topic=record.topic, headers=record.headers, value=record.value
             )
         except TrustError as error:

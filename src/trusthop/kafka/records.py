@@ -5,7 +5,8 @@ and :class:`~trusthop.kafka.consumer.TrustedKafkaConsumer`: the record as
 handed to aiokafka, the byte budget's measure, the dead-letter topic, the
 headers of a dead letter (and of the stub written when a dead letter is too
 large to send), and the decode-then-verify step a consumer runs on every
-record.
+record (:func:`verify_record`, or :func:`verify_record_async` to consult the
+verifier's external decision point).
 """
 
 from __future__ import annotations
@@ -154,6 +155,28 @@ def verify_record(
 
     Raises:
         TrustError: whatever the record holds; any other exception is a bug.
+        RuntimeError: the verifier has a PDP (use :func:`verify_record_async`).
     """
     wire = decode_kafka(headers, value)
     return verifier.verify(wire, kafka_destination(topic))
+
+
+async def verify_record_async(
+    verifier: ChainVerifier,
+    *,
+    topic: str,
+    headers: Sequence[tuple[str, bytes | None]] | None,
+    value: bytes | None,
+) -> TrustedEvent:
+    """:func:`verify_record`, with the verifier's external decision point.
+
+    No transport I/O: :func:`~trusthop.bindings.kafka.decode_kafka` then
+    :meth:`ChainVerifier.verify_async` against ``kafka:<topic>`` (which
+    awaits the PDP, if one is configured). What the consumer runs.
+
+    Raises:
+        TrustError: whatever the record holds, or ``pdp_unavailable`` /
+            the PDP's deny reason; any other exception is a bug.
+    """
+    wire = decode_kafka(headers, value)
+    return await verifier.verify_async(wire, kafka_destination(topic))

@@ -7,6 +7,12 @@ a :class:`Decision`; :func:`check_publish` gives a producer the same answer
 before it signs. Both are pure: the policy object passed in is the one
 judged, so swapping it (a reload) applies to every later evaluation,
 including messages that were already queued.
+
+Runtime pieces: :class:`PolicySource` (reload on demand or on file change,
+keeping the last good policy), :mod:`trusthop.policy.pdp` (an external
+AuthZEN-shaped decision point, failing closed) and
+:mod:`trusthop.policy.decisions` (one JSON line per decision on the
+``trusthop.decisions`` logger).
 """
 
 from trusthop.policy.evaluate import (
@@ -34,6 +40,8 @@ from trusthop.policy.model import (
     parse_policy,
 )
 from trusthop.policy.patterns import ActorPattern, Glob, Namespace, SubjectPattern
+from trusthop.policy.pdp import PdpResult, PolicyDecisionPoint, authzen_request
+from trusthop.policy.source import PolicySource
 
 __all__ = [
     "UNTRUSTED",
@@ -47,12 +55,16 @@ __all__ = [
     "PathFacts",
     "PathRule",
     "PathStep",
+    "PdpResult",
     "Policy",
+    "PolicyDecisionPoint",
     "PolicyError",
+    "PolicySource",
     "Requirement",
     "RuleResult",
     "Segment",
     "SubjectPattern",
+    "authzen_request",
     "check_path",
     "check_publish",
     "decide",

@@ -15,6 +15,8 @@ every problem found, each naming the offending entry
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
+    PrivateAttr,
     StrictBool,
     ValidationError,
     ValidationInfo,
@@ -245,6 +248,20 @@ class Policy(_Model):
     members: tuple[Member, ...] = ()
     segments: tuple[Segment, ...] = ()
     requirements: tuple[Requirement, ...] = ()
+    _digest: str | None = PrivateAttr(default=None)
+
+    @property
+    def digest(self) -> str:
+        """The policy's identity for decision logs: ``sha256:<hex>``.
+
+        Set by :func:`parse_policy` (and so :func:`load_policy`) from the
+        canonical JSON of the parsed document (sorted keys), so comments and
+        layout do not change it but any rule change does. A policy built
+        with ``model_validate`` directly gets the hash of its ``repr``.
+        """
+        if self._digest is None:
+            self._digest = "sha256:" + hashlib.sha256(repr(self).encode()).hexdigest()
+        return self._digest
 
     @model_validator(mode="after")
     def _cross_references(self) -> Self:
@@ -392,9 +409,12 @@ def parse_policy(data: Mapping[str, Any], *, source: str | None = None) -> Polic
     # other errors; the Policy's own validator stays the authority.
     context = {"levels": levels, "trust_domain": data.get("trust_domain")}
     try:
-        return Policy.model_validate(dict(data), context=context)
+        policy = Policy.model_validate(dict(data), context=context)
     except ValidationError as exc:
         raise PolicyError(_messages(exc), source=source) from None
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    policy._digest = "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    return policy
 
 
 def loads_policy(text: str, *, source: str | None = None) -> Policy:
