@@ -346,3 +346,18 @@ def test_cli_policy_explain(files: dict[str, str], capsys: pytest.CaptureFixture
     }
     assert main([*args, files["tampered.json"]]) == EXIT_REJECTED
     assert "rejected: event_mismatch" in capsys.readouterr().err
+
+
+def test_cli_policy_explain_in_the_issues_short_form(
+    files: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `trusthop policy explain --policy POLICY EVENT.json`: no bundle, no destination.
+    args = ["policy", "explain", "--policy", files["policy.toml"]]
+    assert main([*args, files["bad.json"]]) == EXIT_REJECTED
+    captured = capsys.readouterr()
+    assert "DENIED insufficient_trust_level" in captured.out
+    assert "chain NOT verified" in captured.err
+    assert main([*args, "--json", files["ok.json"]]) == EXIT_OK
+    document = json.loads(capsys.readouterr().out)
+    assert document["valid"] is None and document["allowed"] is True
+    assert document["context"]["destination"] == "kafka:shipping"  # the newest ring's

@@ -36,7 +36,7 @@ from trusthop.render import (
 )
 from trusthop.sign import Identity, mint_origin
 from trusthop.spiffe import validate_spiffe_id
-from trusthop.verify import Limits
+from trusthop.verify import Limits, unverified_context
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
 
@@ -255,22 +255,39 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 def cmd_policy_explain(args: argparse.Namespace) -> int:
     policy = _policy(args.policy)
     wire = _event_file(args.event)
-    try:
-        trusted = _verifier(args, None).verify(wire, args.dest)
-    except TrustError as error:
-        if not args.json:
-            raise
-        print(json.dumps({"valid": False, "reason": error.reason.value, "detail": error.message}))
-        return EXIT_REJECTED
-    decision = evaluate(
-        policy, trusted.context, destination=args.dest, event_type=str(trusted.event.get_type())
-    )
+    if wire.chain is None:
+        raise TrustError(Reason.MISSING_CHAIN, "the event carries no trustchain attribute")
+    limits = Limits()
+    chain = decode_chain(wire.chain, max_bytes=limits.max_bytes, max_rings=limits.max_rings)
+    destination = args.dest or getattr(chain.newest, "destination", "")
+    if args.bundle:
+        try:
+            context = _verifier(args, None).verify(wire, destination).context
+        except TrustError as error:
+            if not args.json:
+                raise
+            print(
+                json.dumps({"valid": False, "reason": error.reason.value, "detail": error.message})
+            )
+            return EXIT_REJECTED
+    else:
+        print(
+            "trusthop: chain NOT verified (no --bundle): the decision assumes it would verify",
+            file=sys.stderr,
+        )
+        context = unverified_context(chain, destination=destination, event_id=wire.id)
+    event_type = str(wire.attributes.get("type", ""))
+    decision = evaluate(policy, context, destination=destination, event_type=event_type)
     if args.json:
-        document = {"valid": True, **decision.to_json(), "context": context_json(trusted.context)}
+        document = {
+            "valid": True if args.bundle else None,
+            **decision.to_json(),
+            "context": context_json(context),
+        }
         print(json.dumps(document, indent=2))
     else:
-        print(f"event {wire.id} consumed from {args.dest} (type {trusted.event.get_type()})")
-        print(chain_path(trusted.context.chain))
+        print(f"event {wire.id} consumed from {destination} (type {event_type})")
+        print(chain_path(context.chain))
         print(decision_text(decision))
     return EXIT_OK if decision.allowed else EXIT_REJECTED
 
@@ -369,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         "explain", help="verify an event, then show the policy decision rule by rule"
     )
     q.add_argument("--policy", required=True, metavar="POLICY.toml")
-    q.add_argument("--bundle", required=True)
-    q.add_argument("--dest", required=True, help="where the event was consumed from")
+    q.add_argument("--bundle", help="verify the chain first (without it: explain only)")
+    q.add_argument("--dest", help="where the event was consumed from (default: the newest ring's)")
     q.add_argument(
         "--origin-actor",
         action="append",

@@ -248,6 +248,30 @@ def verify_decoded(
     )
 
 
+def unverified_context(
+    chain: Chain, *, destination: str, event_id: str | None = None
+) -> VerifiedContext:
+    """The context a chain *would* give if it verified — for explaining only.
+
+    Nothing is checked: no key, signature, link, digest or time. Tools such as
+    ``trusthop policy explain`` without a bundle use it to show what a policy
+    would decide; never hand it to a handler.
+    """
+    newest = chain.newest
+    return VerifiedContext(
+        subject=chain.origin.subject,
+        issuer=chain.origin.issuer,
+        transaction_id=chain.origin.transaction_id,
+        trust_domain=chain.origin.trust_domain,
+        scope=newest.scope,
+        actors=tuple(r.actor for r in chain.rings),
+        destination=destination,
+        expires_at=newest.exp,
+        chain=chain,
+        event_id=event_id,
+    )
+
+
 def verify_chain(
     encoded: str | None,
     *,
