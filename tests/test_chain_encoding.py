@@ -59,10 +59,34 @@ from trusthop.errors import Reason, TrustError
 from trusthop.sign import hash_credential, mint_origin
 
 R = Reason
-ORIGIN_KEYS = {K_SIG, K_ACTOR, K_KID, K_IAT, K_EXP, K_SCOPE, K_SUBJECT, K_ISSUER, K_CRED_HASH,
-               K_TXN, K_TRUST_DOMAIN, K_ACR, K_AMR}
-HOP_KEYS = {K_SIG, K_ACTOR, K_KID, K_IAT, K_EXP, K_SCOPE, K_PREV, K_EVENT, K_DEST, K_CONSUMED,
-            K_PEER}
+ORIGIN_KEYS = {
+    K_SIG,
+    K_ACTOR,
+    K_KID,
+    K_IAT,
+    K_EXP,
+    K_SCOPE,
+    K_SUBJECT,
+    K_ISSUER,
+    K_CRED_HASH,
+    K_TXN,
+    K_TRUST_DOMAIN,
+    K_ACR,
+    K_AMR,
+}
+HOP_KEYS = {
+    K_SIG,
+    K_ACTOR,
+    K_KID,
+    K_IAT,
+    K_EXP,
+    K_SCOPE,
+    K_PREV,
+    K_EVENT,
+    K_DEST,
+    K_CONSUMED,
+    K_PEER,
+}
 
 
 def decode(text: str, *, max_bytes: int = 16 * 1024, max_rings: int = 32) -> Chain:
@@ -121,17 +145,20 @@ def test_origin_only_chain_decodes_but_never_verifies(story: Story) -> None:
 # -- base64url -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tamper", [
-    lambda s: s + "=" * (-len(s) % 4 or 4),
-    lambda s: s + "==",
-    lambda s: s.replace("-", "+").replace("_", "/") + ("" if ("-" in s or "_" in s) else "+"),
-    lambda s: s[:10] + "\n" + s[10:],
-    lambda s: " " + s,
-    lambda s: s[:10] + "\u00e9" + s[10:],
-    lambda s: s[:-1],  # leaves a length no encoder produces, or trailing garbage
-    lambda s: s + "A",
-    lambda s: s + "AA",
-])
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda s: s + "=" * (-len(s) % 4 or 4),
+        lambda s: s + "==",
+        lambda s: s.replace("-", "+").replace("_", "/") + ("" if ("-" in s or "_" in s) else "+"),
+        lambda s: s[:10] + "\n" + s[10:],
+        lambda s: " " + s,
+        lambda s: s[:10] + "\u00e9" + s[10:],
+        lambda s: s[:-1],  # leaves a length no encoder produces, or trailing garbage
+        lambda s: s + "A",
+        lambda s: s + "AA",
+    ],
+)
 def test_base64url_variants_are_malformed(story: Story, tamper: Callable[[str], str]) -> None:
     rejected(lambda: decode(tamper(story.encoded)), R.MALFORMED)
 
@@ -197,10 +224,13 @@ def test_duplicate_ring_key(story: Story) -> None:
     malformed(_raw_chain(maps, {2: _map_bytes(items)}), contains="canonical")
 
 
-@pytest.mark.parametrize("encoding", [
-    lambda v: b"\xcf" + v.to_bytes(8, "big"),  # uint64 for a uint32 value
-    lambda v: b"\xd3" + v.to_bytes(8, "big"),  # int64
-])
+@pytest.mark.parametrize(
+    "encoding",
+    [
+        lambda v: b"\xcf" + v.to_bytes(8, "big"),  # uint64 for a uint32 value
+        lambda v: b"\xd3" + v.to_bytes(8, "big"),  # int64
+    ],
+)
 def test_non_minimal_integer(story: Story, encoding: Callable[[int], bytes]) -> None:
     maps = raw_maps(story.encoded)
     items = sorted(maps[1].items())
@@ -222,43 +252,52 @@ def test_non_minimal_string_header(story: Story) -> None:
     malformed(_raw_chain(maps, {1: body}), contains="canonical")
 
 
-@pytest.mark.parametrize(("ring", "key", "new"), [
-    (1, K_ACTOR, lambda v: v.encode()),   # str sent as bin
-    (1, K_KID, lambda v: v.encode()),
-    (1, K_CRED_HASH, lambda v: v.hex()[:32]),  # bin sent as str
-    (1, K_SIG, lambda v: v.hex()),
-    (2, K_PREV, lambda v: v.hex()[:32]),
-    (3, K_EVENT, lambda v: v.hex()[:32]),
-    (3, K_DEST, lambda v: v.encode()),
-    (3, K_CONSUMED, lambda v: v.encode()),
-])
+@pytest.mark.parametrize(
+    ("ring", "key", "new"),
+    [
+        (1, K_ACTOR, lambda v: v.encode()),  # str sent as bin
+        (1, K_KID, lambda v: v.encode()),
+        (1, K_CRED_HASH, lambda v: v.hex()[:32]),  # bin sent as str
+        (1, K_SIG, lambda v: v.hex()),
+        (2, K_PREV, lambda v: v.hex()[:32]),
+        (3, K_EVENT, lambda v: v.hex()[:32]),
+        (3, K_DEST, lambda v: v.encode()),
+        (3, K_CONSUMED, lambda v: v.encode()),
+    ],
+)
 def test_str_and_bin_swapped(story: Story, ring: int, key: int, new: Callable[[Any], Any]) -> None:
     text = with_maps(story, lambda m: m[ring].__setitem__(key, new(m[ring][key])))
     malformed(text, ring=ring - 1)
 
 
-@pytest.mark.parametrize("ext", [
-    b"\xd4\x01\x00",  # fixext1 type 1
-    b"\xd6\xff" + (T0).to_bytes(4, "big"),  # msgpack timestamp 32
-    b"\xc7\x00\x05",  # ext8 of length 0
-])
+@pytest.mark.parametrize(
+    "ext",
+    [
+        b"\xd4\x01\x00",  # fixext1 type 1
+        b"\xd6\xff" + (T0).to_bytes(4, "big"),  # msgpack timestamp 32
+        b"\xc7\x00\x05",  # ext8 of length 0
+    ],
+)
 def test_extension_types(story: Story, ext: bytes) -> None:
     maps = raw_maps(story.encoded)
     body = _map_bytes(sorted(maps[1].items()), {K_IAT: ext})
     malformed(_raw_chain(maps, {1: body}))
 
 
-@pytest.mark.parametrize("value", [b"\xca" + struct.pack(">f", 1.7e9),
-                                   b"\xcb" + struct.pack(">d", float(T0))])
+@pytest.mark.parametrize(
+    "value", [b"\xca" + struct.pack(">f", 1.7e9), b"\xcb" + struct.pack(">d", float(T0))]
+)
 def test_float_field_values(story: Story, value: bytes) -> None:
     maps = raw_maps(story.encoded)
     body = _map_bytes(sorted(maps[1].items()), {K_IAT: value})
     malformed(_raw_chain(maps, {1: body}))
 
 
-@pytest.mark.parametrize("alias", [b"\xcb" + struct.pack(">d", 1.0),
-                                   b"\xca" + struct.pack(">f", 1.0), b"\xc3"],
-                         ids=["float64-1.0", "float32-1.0", "true"])
+@pytest.mark.parametrize(
+    "alias",
+    [b"\xcb" + struct.pack(">d", 1.0), b"\xca" + struct.pack(">f", 1.0), b"\xc3"],
+    ids=["float64-1.0", "float32-1.0", "true"],
+)
 def test_map_key_aliases_of_an_integer_key(story: Story, alias: bytes) -> None:
     """1.0 and True hash like 1 in Python: as map keys they must not pass for K_ACTOR."""
     maps = raw_maps(story.encoded)
@@ -303,13 +342,16 @@ def test_deep_nesting_of_maps(story: Story) -> None:
     malformed(encode_bytes(b"\x92\x01" + nested))
 
 
-@pytest.mark.parametrize("header", [
-    b"\xdb\xff\xff\xff\xff",  # str32 announcing 4 GiB
-    b"\xc6\xff\xff\xff\xff",  # bin32
-    b"\xdd\xff\xff\xff\xff",  # array32 inside a ring
-    b"\xdf\xff\xff\xff\xff",  # map32
-    b"\xc9\xff\xff\xff\xff\x01",  # ext32
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\xdb\xff\xff\xff\xff",  # str32 announcing 4 GiB
+        b"\xc6\xff\xff\xff\xff",  # bin32
+        b"\xdd\xff\xff\xff\xff",  # array32 inside a ring
+        b"\xdf\xff\xff\xff\xff",  # map32
+        b"\xc9\xff\xff\xff\xff\x01",  # ext32
+    ],
+)
 def test_hostile_length_prefixes_inside_a_ring_are_cheap(story: Story, header: bytes) -> None:
     maps = raw_maps(story.encoded)
     body = _map_bytes(sorted(maps[1].items()), {K_ACR: header + b"\x00" * 16})
@@ -331,8 +373,9 @@ def test_map_with_too_many_entries(story: Story) -> None:
 @pytest.mark.parametrize("key", [6, 9, 17, 19, 25, 99, -1])
 @pytest.mark.parametrize("ring", [1, 2, 3])
 def test_unknown_ring_field(story: Story, ring: int, key: int) -> None:
-    malformed(with_maps(story, lambda m: m[ring].__setitem__(key, "x")), ring=ring - 1,
-              contains="unknown")
+    malformed(
+        with_maps(story, lambda m: m[ring].__setitem__(key, "x")), ring=ring - 1, contains="unknown"
+    )
 
 
 def test_fields_of_the_other_ring_kind_are_unknown(story: Story) -> None:
@@ -363,27 +406,54 @@ def test_ring_that_is_not_a_map(story: Story, ring_value: Any) -> None:
 
 
 BAD_VALUES: list[tuple[int, int, Any]] = [
-    (1, K_IAT, -1), (1, K_IAT, 2**40), (1, K_EXP, True), (2, K_IAT, "1767225600"),
-    (3, K_EXP, None), (3, K_EXP, 2**64 - 1), (1, K_EXP, -(2**63)),
-    (1, K_SCOPE, "orders:read"), (1, K_SCOPE, ["b", "a"]), (1, K_SCOPE, ["a", "a"]),
-    (1, K_SCOPE, [""]), (1, K_SCOPE, ["x" * 257]), (1, K_SCOPE, [1]),
-    (1, K_AMR, "pwd"), (1, K_AMR, [""]), (1, K_AMR, ["x" * 65]), (1, K_AMR, ["a"] * 17),
+    (1, K_IAT, -1),
+    (1, K_IAT, 2**40),
+    (1, K_EXP, True),
+    (2, K_IAT, "1767225600"),
+    (3, K_EXP, None),
+    (3, K_EXP, 2**64 - 1),
+    (1, K_EXP, -(2**63)),
+    (1, K_SCOPE, "orders:read"),
+    (1, K_SCOPE, ["b", "a"]),
+    (1, K_SCOPE, ["a", "a"]),
+    (1, K_SCOPE, [""]),
+    (1, K_SCOPE, ["x" * 257]),
+    (1, K_SCOPE, [1]),
+    (1, K_AMR, "pwd"),
+    (1, K_AMR, [""]),
+    (1, K_AMR, ["x" * 65]),
+    (1, K_AMR, ["a"] * 17),
     (1, K_AMR, [1]),
     (1, K_ACTOR, "spiffe://Prod.example.com/ns/edge/sa/gateway"),
     (1, K_ACTOR, "spiffe://prod.example.com/ns/edge/sa/gateway/"),
     (1, K_ACTOR, "https://prod.example.com/gateway"),
     (3, K_ACTOR, "spiffe://prod.example.com/ns/%73hop/sa/orders"),
-    (1, K_SUBJECT, ""), (1, K_SUBJECT, "u" * (MAX_TEXT + 1)), (1, K_ISSUER, 7),
-    (1, K_TXN, ""), (1, K_TRUST_DOMAIN, ""), (1, K_ACR, ""), (1, K_KID, ""),
-    (1, K_CRED_HASH, b"\x00" * 31), (1, K_CRED_HASH, b"\x00" * 33),
-    (2, K_PREV, b""), (3, K_EVENT, b"\x00" * 64), (3, K_DEST, ""),
-    (3, K_DEST, "k" * (MAX_TEXT + 1)), (3, K_CONSUMED, ""), (3, K_PEER, ""),
-    (1, K_SIG, b"\x00" * 63), (3, K_SIG, b"\x00" * 65), (2, K_SIG, b""),
+    (1, K_SUBJECT, ""),
+    (1, K_SUBJECT, "u" * (MAX_TEXT + 1)),
+    (1, K_ISSUER, 7),
+    (1, K_TXN, ""),
+    (1, K_TRUST_DOMAIN, ""),
+    (1, K_ACR, ""),
+    (1, K_KID, ""),
+    (1, K_CRED_HASH, b"\x00" * 31),
+    (1, K_CRED_HASH, b"\x00" * 33),
+    (2, K_PREV, b""),
+    (3, K_EVENT, b"\x00" * 64),
+    (3, K_DEST, ""),
+    (3, K_DEST, "k" * (MAX_TEXT + 1)),
+    (3, K_CONSUMED, ""),
+    (3, K_PEER, ""),
+    (1, K_SIG, b"\x00" * 63),
+    (3, K_SIG, b"\x00" * 65),
+    (2, K_SIG, b""),
 ]
 
 
-@pytest.mark.parametrize(("ring", "key", "value"), BAD_VALUES,
-                         ids=[f"r{r - 1}-k{k}-{str(v)[:12]}" for r, k, v in BAD_VALUES])
+@pytest.mark.parametrize(
+    ("ring", "key", "value"),
+    BAD_VALUES,
+    ids=[f"r{r - 1}-k{k}-{str(v)[:12]}" for r, k, v in BAD_VALUES],
+)
 def test_field_value_out_of_its_domain(story: Story, ring: int, key: int, value: Any) -> None:
     malformed(with_maps(story, lambda m: m[ring].__setitem__(key, value)), ring=ring - 1)
 
@@ -436,8 +506,28 @@ def test_ring_count_is_checked_before_decoding_the_rings() -> None:
 
 
 def test_mint_origin_output_decodes() -> None:
-    origin = mint_origin(EDGE, subject="s", issuer="i", credential=b"c", scope=[], now=0,
-                         ttl=0, transaction_id="t")
+    origin = mint_origin(
+        EDGE, subject="s", issuer="i", credential=b"c", scope=[], now=0, ttl=0, transaction_id="t"
+    )
     chain = decode(Chain(origin).encode())
     assert chain.origin == origin
     assert chain.origin.acr is None and chain.origin.amr is None
+
+
+def test_ring_text_cannot_carry_line_breaks_or_control_characters() -> None:
+    # Red-team finding: a subject with "\n" or U+2028 forged lines in
+    # `policy explain` output and split decision-log records.
+    import time
+
+    import pytest
+
+    from trusthop import Identity, SigningKey, TrustError, mint_origin
+    from trusthop.errors import Reason
+
+    edge = Identity.create("spiffe://prod.example.com/edge", SigningKey.from_seed(b"c" * 32))
+    for subject in ("user:a\nDENIED", "user:a\u2028x", "user:a\x1b[31m", "user:a\u0085"):
+        with pytest.raises(TrustError) as error:
+            mint_origin(
+                edge, subject=subject, issuer="i", credential="t", scope=["s"], now=time.time()
+            )
+        assert error.value.reason is Reason.MALFORMED

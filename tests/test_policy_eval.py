@@ -27,7 +27,7 @@ from policykit import (
 )
 
 from trusthop.errors import Reason, TrustError
-from trusthop.policy import Decision, Policy, evaluate, load_policy
+from trusthop.policy import Decision, Policy, PolicyError, evaluate, load_policy
 from trusthop.verify import VerifiedContext
 
 R = Reason
@@ -62,9 +62,6 @@ levels = ["untrusted", "internal", "payments"]
 trust_domain = "prod.example.com"
 [[members]]
 namespace = "shop"
-level = "payments"
-[[members]]
-prefix = "{P}/ns/shop/*"
 level = "internal"
 [[members]]
 prefix = "{P}/ns/shop/sa/*"
@@ -82,16 +79,50 @@ level = "payments"
 def test_most_specific_member_rule_wins() -> None:
     # exact id beats every prefix and the namespace
     assert MEMBERS.membership(INV_DEBUG.actor).level == "untrusted"
-    assert MEMBERS.membership(INV_DEBUG.actor).rule == 3
-    # the longest prefix beats a shorter one
+    assert MEMBERS.membership(INV_DEBUG.actor).rule == 2
+    # a longer prefix beats the namespace (which ranks as .../ns/shop/*)
     assert MEMBERS.membership(INV.actor).level == "payments"
-    assert MEMBERS.membership(INV.actor).rule == 2
-    # any prefix beats a namespace rule, even one giving a higher level
-    assert MEMBERS.membership(f"{P}/ns/shop/other/x").level == "internal"
-    assert MEMBERS.membership(f"{P}/ns/shop/other/x").rule == 1
+    assert MEMBERS.membership(INV.actor).rule == 1
     # a namespace rule applies when nothing more specific does
+    assert MEMBERS.membership(f"{P}/ns/shop/other/x").level == "internal"
+    assert MEMBERS.membership(f"{P}/ns/shop/other/x").rule == 0
     assert MEMBERS.membership(FRAUD.actor).level == "payments"
-    assert MEMBERS.membership(FRAUD.actor).rule == 4
+    assert MEMBERS.membership(FRAUD.actor).rule == 3
+
+
+def test_a_short_prefix_never_overrides_a_namespace() -> None:
+    # Red-team finding: `prefix = td/*` used to beat every namespace entry, so
+    # a namespace demotion next to it silently never applied.
+    demoting = policy(
+        f"""
+levels = ["untrusted", "internal", "payments"]
+trust_domain = "prod.example.com"
+[[members]]
+prefix = "{P}/*"
+level = "internal"
+[[members]]
+namespace = "lab"
+level = "untrusted"
+"""
+    )
+    assert demoting.membership(f"{P}/ns/lab/sa/probe").level == "untrusted"
+    assert demoting.membership(f"{P}/ns/shop/sa/x").level == "internal"
+
+
+def test_a_namespace_and_its_prefix_are_the_same_selection() -> None:
+    with pytest.raises(PolicyError, match="selects the same actors"):
+        policy(
+            f"""
+levels = ["untrusted", "internal", "payments"]
+trust_domain = "prod.example.com"
+[[members]]
+prefix = "{P}/ns/lab/*"
+level = "payments"
+[[members]]
+namespace = "lab"
+level = "untrusted"
+"""
+        )
 
 
 def test_member_rule_order_in_the_file_does_not_matter() -> None:

@@ -350,3 +350,23 @@ def test_model_validate_without_context_still_checks_references() -> None:
 def test_docs_show_the_example_policy_verbatim() -> None:
     docs = (EXAMPLE.parent.parent / "docs" / "policy.md").read_text(encoding="utf-8")
     assert "```toml\n" + EXAMPLE.read_text(encoding="utf-8") + "```" in docs
+
+
+def test_hostile_policy_files_are_policy_errors(tmp_path: Path) -> None:
+    # Red-team findings: deep nesting raised RecursionError out of reload();
+    # an endless file was read without limit.
+    from pathlib import Path
+
+    import pytest
+
+    from trusthop.policy import PolicyError, load_policy
+    from trusthop.policy.model import MAX_POLICY_BYTES
+
+    deep = Path(tmp_path) / "deep.toml"
+    deep.write_text('levels=["untrusted"]\na=' + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(PolicyError, match="nested too deeply"):
+        load_policy(deep)
+    huge = Path(tmp_path) / "huge.toml"
+    huge.write_bytes(b"#" * (MAX_POLICY_BYTES + 10))
+    with pytest.raises(PolicyError, match="larger than"):
+        load_policy(huge)

@@ -374,3 +374,45 @@ def test_no_policy_no_pdp_no_decision_log(caplog: pytest.LogCaptureFixture) -> N
     with caplog.at_level(logging.INFO, logger="trusthop.decisions"):
         verifier(None).verify(sealed("kafka:x"), "kafka:x")
     assert decisions(caplog) == []
+
+
+async def test_a_pdp_cannot_fail_open() -> None:
+    # Red-team findings: a PDP that swallows its timeout and answers late, or
+    # answers with a truthy non-bool, was taken as an allow.
+    import asyncio
+    import contextlib
+
+    import pytest
+
+    from trusthop.errors import Reason, TrustError
+    from trusthop.policy.pdp import PdpResult, consult
+
+    async def late(request: dict[str, object]) -> PdpResult:
+        # Swallowing the cancellation is the attack.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(5)
+        return PdpResult(True)
+
+    async def stringly(request: dict[str, object]) -> PdpResult:
+        return PdpResult("false", "denied")  # type: ignore[arg-type]
+
+    class Sub(PdpResult):
+        pass
+
+    async def subclass(request: dict[str, object]) -> PdpResult:
+        return Sub(True)
+
+    async def cancels_itself(request: dict[str, object]) -> PdpResult:
+        raise asyncio.CancelledError
+
+    for pdp in (late, stringly, subclass, cancels_itself):
+        with pytest.raises(TrustError) as error:
+            await consult(pdp, {}, seconds=0.05)
+        assert error.value.reason is Reason.PDP_UNAVAILABLE, pdp.__name__
+    assert (await consult(lambda r: _allow(), {}, seconds=1)).allowed is True
+
+
+async def _allow() -> PdpResult:
+    from trusthop.policy.pdp import PdpResult
+
+    return PdpResult(True)

@@ -10,6 +10,7 @@ numbers below are part of it.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -173,10 +174,17 @@ def _fail(message: str, ring: int | None = None) -> TrustError:
     return TrustError(Reason.MALFORMED, message, ring=ring)
 
 
+# Control characters and line/paragraph separators: ring text ends up in logs,
+# terminals and decision records, where they could forge lines.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _text(m: dict[Any, Any], key: int, index: int, what: str) -> str:
     value = m[key]
     if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
         raise _fail(f"ring {index}: {what} must be a non-empty string", index)
+    if _UNPRINTABLE.search(value):
+        raise _fail(f"ring {index}: {what} contains control or line-separator characters", index)
     return value
 
 

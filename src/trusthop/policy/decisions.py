@@ -74,4 +74,4 @@ def log_decision(record: dict[str, Any]) -> None:
     """Emit ``record`` as one JSON line at INFO on ``trusthop.decisions``.
     Never raises (logging swallows handler errors)."""
     if decision_log.isEnabledFor(logging.INFO):
-        decision_log.info("%s", json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+        decision_log.info("%s", json.dumps(record, ensure_ascii=True, separators=(",", ":")))

@@ -313,9 +313,12 @@ class Policy(_Model):
         return [f"{where}: {_needs_domain(selector.namespace)}"]
 
     def _selector_key(self, member: Member) -> object:
+        """What the entry selects: a namespace is the prefix ``.../ns/<name>/*``."""
         if member.namespace is not None:
-            return ("ns", member.trust_domain or self.trust_domain, member.namespace)
-        return member.id or member.prefix
+            return (member.trust_domain or self.trust_domain, ("ns", member.namespace), True)
+        pattern = member.id or member.prefix
+        assert pattern is not None  # exactly one selector (Selector._one_selector)
+        return (pattern.trust_domain, pattern.segments, pattern.prefix)
 
     # -- evaluation helpers (pure) ------------------------------------------
 
@@ -325,8 +328,9 @@ class Policy(_Model):
 
     def membership(self, actor: str) -> Membership:
         """The level ``actor`` holds now: the most specific matching member rule
-        (exact id > longest prefix > namespace), ``untrusted`` if none matches
-        or ``actor`` is not a SPIFFE ID."""
+        (exact id > longest prefix; a namespace ranks as the prefix
+        ``.../ns/<name>/*``), ``untrusted`` if none matches or ``actor`` is
+        not a SPIFFE ID."""
         best: tuple[tuple[int, int], int] | None = None
         if split_actor(actor) is not None:
             for index, matcher in enumerate(self.member_matchers):
@@ -417,6 +421,10 @@ def parse_policy(data: Mapping[str, Any], *, source: str | None = None) -> Polic
     return policy
 
 
+MAX_POLICY_BYTES = 4 * 1024 * 1024
+"""A policy file larger than this is refused (a policy is a few kilobytes)."""
+
+
 def loads_policy(text: str, *, source: str | None = None) -> Policy:
     """Parse and validate TOML text.
 
@@ -427,6 +435,8 @@ def loads_policy(text: str, *, source: str | None = None) -> Policy:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError([f"not valid TOML: {exc}"], source=source) from None
+    except RecursionError:
+        raise PolicyError(["not valid TOML: nested too deeply"], source=source) from None
     return parse_policy(data, source=source)
 
 
@@ -437,7 +447,10 @@ def load_policy(path: str | Path) -> Policy:
         OSError: the file cannot be read.
         PolicyError: not UTF-8, not TOML, or an invalid policy.
     """
-    raw = Path(path).read_bytes()
+    with Path(path).open("rb") as file:
+        raw = file.read(MAX_POLICY_BYTES + 1)
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError([f"larger than {MAX_POLICY_BYTES} bytes"], source=str(path))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

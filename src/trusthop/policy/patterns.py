@@ -113,7 +113,9 @@ class Namespace:
             raise ValueError(f"namespace {name!r} in {trust_domain!r}: {exc}") from None
         return cls(trust_domain, name)
 
-    specificity = (1, 2)
+    # Exactly the actors of the prefix spiffe://<td>/ns/<name>/*, so it ranks
+    # like that prefix: a shorter prefix (spiffe://<td>/*) never overrides it.
+    specificity = (2, 2)
 
     def matches(self, actor: str) -> bool:
         split = split_actor(actor)

@@ -142,23 +142,34 @@ async def consult(
             else ``unauthorized_actor``.
         asyncio.CancelledError: the caller was cancelled (propagated).
     """
+    unavailable = Reason.PDP_UNAVAILABLE
+    task = asyncio.current_task()
     try:
-        async with asyncio.timeout(seconds):
+        async with asyncio.timeout(seconds) as deadline:
             result = await pdp(request)
     except TimeoutError:
         raise TrustError(
-            Reason.PDP_UNAVAILABLE,
-            f"the external decision point did not answer within {seconds:g}s",
+            unavailable, f"the external decision point did not answer within {seconds:g}s"
         ) from None
+    except asyncio.CancelledError:
+        if task is not None and task.cancelling():
+            raise  # we are being cancelled: not the PDP's business
+        raise TrustError(unavailable, "the external decision point cancelled itself") from None
     except Exception as exc:
         raise TrustError(
-            Reason.PDP_UNAVAILABLE,
+            unavailable,
             f"the external decision point failed: {type(exc).__name__}: {str(exc)[:200]}",
         ) from exc
-    if not isinstance(result, PdpResult):
+    if deadline.expired():
+        # A PDP that swallowed the cancellation and answered late: fail closed.
         raise TrustError(
-            Reason.PDP_UNAVAILABLE,
-            f"the external decision point returned a {type(result).__name__}, not a PdpResult",
+            unavailable, f"the external decision point did not answer within {seconds:g}s"
+        )
+    if type(result) is not PdpResult or type(result.allowed) is not bool:
+        raise TrustError(
+            unavailable,
+            "the external decision point must return PdpResult(allowed=<bool>), "
+            f"not {type(result).__name__}",
         )
     if not result.allowed:
         raise _denial(result)
