@@ -228,6 +228,12 @@ async def run_demo(bus: Bus) -> DemoReport:
     shipping = bus.amqp("shipping", "order.reserved")
     audit = bus.kafka("audit")
     injected: dict[tuple[str, str | None], str] = {}
+
+    async def attack(consumer: str, destination: str, wire: WireEvent, scenario: str) -> None:
+        """Write ``wire`` as an attacker would and remember what to expect."""
+        await bus.inject(destination, wire)
+        injected[(consumer, wire.id)] = scenario
+
     captured: list[TrustedEvent] = []
 
     def record(consumer: str, trusted: TrustedEvent) -> None:
@@ -269,8 +275,7 @@ async def run_demo(bus: Bus) -> DemoReport:
             # amount of a validly signed order.
             wire = gateway.seal(order, destination=orders, origin=origin)
             tampered = _with_data(wire, b'{"order":3,"quantity":300,"sku":"SKU-42"}')
-            await bus.inject(orders, tampered)
-            injected[("inventory", tampered.id)] = "tampered-data"
+            await attack("inventory", orders, tampered, "tampered-data")
         else:
             await bus.publish(gateway, orders, order, origin=origin)
 
@@ -298,8 +303,7 @@ async def run_demo(bus: Bus) -> DemoReport:
 
     # Attack: a valid event copied from kafka:orders into the shipping exchange.
     replay = captured[0].wire
-    await bus.inject(shipping, replay)
-    injected[("shipping", replay.id)] = "replay-other-destination"
+    await attack("shipping", shipping, replay, "replay-other-destination")
 
     # Attack: a workload with a valid key signs a hop that widens its scope
     # (append_hop refuses to, so the ring is built by hand).
@@ -322,8 +326,9 @@ async def run_demo(bus: Bus) -> DemoReport:
         consumed_event_id=parent.event_id,
     )
     hop = dataclasses.replace(hop, signature=cast.inventory.key.sign(hop.signing_input()))
-    await bus.inject(shipping, _with_chain(event, parent.chain.appended(hop)))
-    injected[("shipping", event.id)] = "widened-scope"
+    await attack(
+        "shipping", shipping, _with_chain(event, parent.chain.appended(hop)), "widened-scope"
+    )
 
     # 3. Shipping schedules the parcel and reports to the audit topic.
     at_shipping: list[TrustedEvent] = []
@@ -352,8 +357,7 @@ async def run_demo(bus: Bus) -> DemoReport:
         Chain(full.origin, full.hops[1:]).encode(),
     )
     cut.attributes["id"] = "ring-removed-1"
-    await bus.inject(audit, cut)
-    injected[("auditor", cut.id)] = "ring-removed"
+    await attack("auditor", audit, cut, "ring-removed")
 
     # Attack: a workload whose key is not in the bundle extends a valid chain
     # it copied from the shipping queue.
@@ -368,8 +372,7 @@ async def run_demo(bus: Bus) -> DemoReport:
         destination=audit,
         parent=at_shipping[-1].context,
     )
-    await bus.inject(audit, forged)
-    injected[("auditor", forged.id)] = "unknown-key"
+    await attack("auditor", audit, forged, "unknown-key")
 
     # Attack: a workload with a valid key (inventory) mints its own origin for
     # an administrator; only the gateway may start chains.
@@ -393,8 +396,7 @@ async def run_demo(bus: Bus) -> DemoReport:
         destination=audit,
         origin=inventory_origin,
     )
-    await bus.inject(audit, rogue_chain)
-    injected[("auditor", rogue_chain.id)] = "rogue-origin"
+    await attack("auditor", audit, rogue_chain, "rogue-origin")
 
     # Policy, producer side: inventory's own signer checks the same policy and
     # refuses before signing, with the reason the auditor would give.
@@ -423,8 +425,7 @@ async def run_demo(bus: Bus) -> DemoReport:
         parent=captured[0].context,
         scope=["audit:write"],
     )
-    await bus.inject(audit, skipped)
-    injected[("auditor", skipped.id)] = "unauthorized-publisher"
+    await attack("auditor", audit, skipped, "unauthorized-publisher")
 
     # Policy: shipping narrows its scope below what the audit topic requires.
     unpoliced_shipping = ChainSigner(cast.shipping)
@@ -439,8 +440,7 @@ async def run_demo(bus: Bus) -> DemoReport:
         parent=at_shipping[0].context,
         scope=["shipping:create"],
     )
-    await bus.inject(audit, narrow)
-    injected[("auditor", narrow.id)] = "narrowed-scope"
+    await attack("auditor", audit, narrow, "narrowed-scope")
 
     # 4. The auditor reads the audit topic and keeps every full chain.
     async def on_audit(trusted: TrustedEvent) -> None:
