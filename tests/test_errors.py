@@ -19,7 +19,8 @@ CONTRACT = {
     "INSUFFICIENT_TRUST_LEVEL": "insufficient_trust_level",
     "INSUFFICIENT_SCOPE": "insufficient_scope", "PATH_VIOLATION": "path_violation",
     "SEGMENT_QUARANTINED": "segment_quarantined", "SUBJECT_DENIED": "subject_denied",
-    "PDP_UNAVAILABLE": "pdp_unavailable",
+    "PDP_UNAVAILABLE": "pdp_unavailable", "REPLAYED": "replayed",
+    "STORE_UNAVAILABLE": "store_unavailable",
 }
 
 

@@ -959,8 +959,9 @@ def test_origin_only_chain_is_malformed_before_any_key_lookup(story: Story) -> N
 def test_verify_decoded_uses_the_signature_cache_hook(story: Story) -> None:
     asked: list[bytes] = []
 
-    def cached(ring: Ring, entry: BundleKey) -> bool:
-        asked.append(ring_hash(ring))
+    def cached(ring: Ring, digest: bytes, entry: BundleKey) -> bool:
+        assert digest == ring_hash(ring)
+        asked.append(digest)
         return ring is not story.chain.hops[-1]
 
     rejected(

@@ -66,6 +66,12 @@ class Reason(StrEnum):
     """Policy: the external decision point failed or timed out (fail closed)."""
     HANDLER_FAILED = "handler_failed"
     """The handler raised on every allowed attempt (not a trust failure)."""
+    REPLAYED = "replayed"
+    """The same signed ring arrived as another message after its allowed uses
+    in this consumer group or queue (a re-published copy)."""
+    STORE_UNAVAILABLE = "store_unavailable"
+    """The replay store failed, or is full and refuses to forget an entry
+    early (fail closed)."""
 
 
 class TrustError(Exception):

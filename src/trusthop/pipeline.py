@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from cloudevents.core.v1.event import CloudEvent
 
 from trusthop.bundle import TrustBundle
-from trusthop.chain import Chain, OriginRing
+from trusthop.chain import Chain, OriginRing, decode_chain
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
 from trusthop.policy import Decision, Policy, check_publish, evaluate
@@ -28,10 +28,17 @@ from trusthop.policy.pdp import (
     consult,
 )
 from trusthop.policy.source import PolicySource, current_policy
+from trusthop.sigcache import DEFAULT_CACHE_SIZE, SignatureCache
 from trusthop.sign import DEFAULT_HOP_TTL, Identity, append_hop
-from trusthop.verify import Limits, VerifiedContext, verify_chain
+from trusthop.verify import Limits, VerifiedContext, check_signature, verify_decoded
 
 Clock = Callable[[], float]
+
+
+def _known(ring: object, digest: bytes, entry: object) -> bool:
+    """Signature check for a chain already accepted (see ``ChainVerifier._verify_with``)."""
+    return True
+
 
 # Dead-letter header names (Kafka headers and AMQP headers alike).
 H_REASON = "trusthop-reason"
@@ -39,6 +46,7 @@ H_DETAIL = "trusthop-detail"
 H_SOURCE = "trusthop-source"
 H_CONSUMER = "trusthop-consumer"
 H_ATTEMPTS = "trusthop-attempts"
+H_DESTINATION = "trusthop-destination"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,19 +100,33 @@ class Rejection:
     source: str
     consumer: str
     attempts: int = 1
+    destination: str | None = None
+    """The destination the newest ring was signed for, when the chain could
+    be decoded (``source`` is where the message was consumed from)."""
 
     @classmethod
-    def of(cls, error: TrustError, *, source: str, consumer: str, attempts: int = 1) -> Rejection:
-        return cls(error.reason, error.message, source, consumer, attempts)
+    def of(
+        cls,
+        error: TrustError,
+        *,
+        source: str,
+        consumer: str,
+        attempts: int = 1,
+        destination: str | None = None,
+    ) -> Rejection:
+        return cls(error.reason, error.message, source, consumer, attempts, destination)
 
     def headers(self) -> dict[str, str]:
-        return {
+        out = {
             H_REASON: self.reason.value,
             H_DETAIL: self.detail[:512],
             H_SOURCE: self.source,
             H_CONSUMER: self.consumer,
             H_ATTEMPTS: str(self.attempts),
         }
+        if self.destination is not None:
+            out[H_DESTINATION] = self.destination[:512]
+        return out
 
 
 class ChainSigner:
@@ -224,6 +246,10 @@ class ChainVerifier:
             consults it; :meth:`verify` refuses to run when one is set.
         pdp_timeout: seconds the PDP may take; longer fails closed with
             ``pdp_unavailable``.
+        cache_size: verified signatures remembered
+            (:class:`~trusthop.sigcache.SignatureCache`), so fan-out and
+            shared chain prefixes pay for each signature once; ``0`` turns
+            the cache off. Replacing ``bundle`` or ``policy`` clears it.
 
     Every decision taken with a policy or a PDP (allow and deny) is logged
     as one JSON line on ``trusthop.decisions``
@@ -241,10 +267,15 @@ class ChainVerifier:
         policy: Policy | PolicySource | None = None,
         pdp: PolicyDecisionPoint | None = None,
         pdp_timeout: float = DEFAULT_PDP_TIMEOUT,
+        cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
         if pdp_timeout <= 0:
             raise ValueError("pdp_timeout must be positive")
-        self.bundle = bundle
+        if cache_size < 0:
+            raise ValueError("cache_size must not be negative")
+        self.signature_cache = SignatureCache(cache_size) if cache_size else None
+        self._bundle = bundle
+        self._policy: Policy | PolicySource | None = None
         if isinstance(origin_actors, str):
             raise TypeError("origin_actors is a collection of SPIFFE IDs, not one string")
         self.origin_actors = None if origin_actors is None else frozenset(origin_actors)
@@ -254,6 +285,49 @@ class ChainVerifier:
         self.policy = policy
         self.pdp = pdp
         self.pdp_timeout = pdp_timeout
+
+    @property
+    def bundle(self) -> TrustBundle:
+        """The trust bundle; assigning a new one clears the signature cache."""
+        return self._bundle
+
+    @bundle.setter
+    def bundle(self, bundle: TrustBundle) -> None:
+        self._bundle = bundle
+        if self.signature_cache is not None:
+            self.signature_cache.clear()
+
+    @property
+    def policy(self) -> Policy | PolicySource | None:
+        """The policy (or its source); assigning clears the signature cache."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy | PolicySource | None) -> None:
+        self._policy = policy
+        if self.signature_cache is not None:
+            self.signature_cache.clear()
+
+    def now(self) -> float:
+        """The verifier's clock."""
+        return self._clock()
+
+    def prepare(self, wire: WireEvent) -> tuple[bytes, Chain]:
+        """The event digest of ``wire``, then its chain decoded within this
+        verifier's limits (the event is checked before its chain, as in
+        :meth:`verify`). Each is computed once per message.
+
+        Raises:
+            TrustError: ``malformed`` (event or chain), ``missing_chain``,
+                ``too_large`` or ``depth_exceeded``.
+        """
+        digest = wire.digest()
+        if wire.chain is None:
+            raise TrustError(Reason.MISSING_CHAIN, "the event carries no trustchain attribute")
+        chain = decode_chain(
+            wire.chain, max_bytes=self.limits.max_bytes, max_rings=self.limits.max_rings
+        )
+        return digest, chain
 
     def verify(self, wire: WireEvent, destination: str) -> TrustedEvent:
         """Verify ``wire`` as consumed from ``destination`` (no PDP).
@@ -282,8 +356,26 @@ class ChainVerifier:
                 closed), or the PDP's deny reason (see
                 :func:`~trusthop.policy.pdp.consult`).
         """
+        return await self._verify_with(wire, destination)
+
+    async def _verify_with(
+        self,
+        wire: WireEvent,
+        destination: str,
+        *,
+        prepared: tuple[bytes, Chain] | None = None,
+        at: float | None = None,
+        known: bool = False,
+    ) -> TrustedEvent:
+        """:meth:`verify_async` on the output of :meth:`prepare`, judged at time
+        ``at`` (default: now). ``known=True`` skips the signature checks; only
+        :mod:`trusthop.admission` passes it, for a chain whose newest ring's
+        hash equals one it accepted before (links are still checked, so every
+        earlier ring is bound to that hash)."""
         pdp = self.pdp
-        trusted = self._verify_local(wire, destination, log=pdp is None)
+        trusted = self._verify_local(
+            wire, destination, log=pdp is None, prepared=prepared, at=at, known=known
+        )
         if pdp is None:
             return trusted
         request = authzen_request(
@@ -307,17 +399,30 @@ class ChainVerifier:
         self._log(trusted, destination, None, message, "allow")
         return trusted
 
-    def _verify_local(self, wire: WireEvent, destination: str, *, log: bool) -> TrustedEvent:
-        context = verify_chain(
-            wire.chain,
+    def _verify_local(
+        self,
+        wire: WireEvent,
+        destination: str,
+        *,
+        log: bool,
+        prepared: tuple[bytes, Chain] | None = None,
+        at: float | None = None,
+        known: bool = False,
+    ) -> TrustedEvent:
+        digest, chain = self.prepare(wire) if prepared is None else prepared
+        cache = self.signature_cache
+        check = _known if known else (cache.check if cache is not None else check_signature)
+        context = verify_decoded(
+            chain,
             bundle=self.bundle,
-            event_digest=wire.digest(),
+            event_digest=digest,
             destination=destination,
-            now=self._clock(),
+            now=self._clock() if at is None else at,
             limits=self.limits,
             event_id=wire.id,
             origin_actors=self.origin_actors,
             trust_domain=self.trust_domain,
+            signature_check=check,
         )
         event = wire.to_cloudevent()
         source = self.policy  # read once: a concurrent swap cannot split a decision

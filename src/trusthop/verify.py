@@ -42,12 +42,31 @@ class Limits:
     """Bounds enforced before any signature is checked.
 
     ``max_bytes`` counts characters of the encoded attribute; ``leeway`` is
-    the clock skew in seconds tolerated on both ends of the time window.
+    the clock skew in seconds tolerated on both ends of the time window;
+    ``max_age``, when set, is how many seconds after the newest ring was
+    signed a first delivery is still accepted (``expired`` beyond it, plus
+    ``leeway``), however long the ring's own window is. A redelivery or a
+    retry of an accepted message is judged at its first delivery's time (see
+    :mod:`trusthop.replay`), so waiting in a queue never expires it.
     """
 
     max_bytes: int = 16 * 1024
     max_rings: int = 32
     leeway: int = 60
+    max_age: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_age is not None and self.max_age <= 0:
+            raise ValueError("max_age must be a positive number of seconds (or None)")
+        if self.leeway < 0:
+            raise ValueError("leeway must not be negative")
+
+    def accept_until(self, ring: Ring) -> int:
+        """The last second a first delivery of ``ring`` is accepted (leeway included)."""
+        end = ring.exp
+        if self.max_age is not None:
+            end = min(end, ring.iat + self.max_age)
+        return end + self.leeway
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +141,9 @@ def check_narrowing(prev: Ring, ring: HopRing, index: int) -> None:
         )
 
 
-def check_window(ring: Ring, now: float, leeway: int) -> None:
-    """The newest ring's window, which nests inside all earlier windows.
+def check_window(ring: Ring, now: float, leeway: int, max_age: int | None = None) -> None:
+    """The newest ring's window, which nests inside all earlier windows, and
+    the optional maximum age since it was signed.
 
     A clock that is not a finite number fails closed (``expired``).
     """
@@ -131,6 +151,12 @@ def check_window(ring: Ring, now: float, leeway: int) -> None:
         raise TrustError(Reason.EXPIRED, "the verifier's clock is not a finite time")
     if now > ring.exp + leeway:
         raise TrustError(Reason.EXPIRED, f"chain expired at {ring.exp} (now {int(now)})")
+    if max_age is not None and now > ring.iat + max_age + leeway:
+        raise TrustError(
+            Reason.EXPIRED,
+            f"event signed at {ring.iat} is older than the maximum age of {max_age}s "
+            f"(now {int(now)})",
+        )
     if now + leeway < ring.iat:
         raise TrustError(Reason.NOT_YET_VALID, f"chain is valid from {ring.iat} (now {int(now)})")
 
@@ -181,10 +207,12 @@ def check_links(chain: Chain) -> None:
         prev = hop
 
 
-SignatureCheck = Callable[[Ring, BundleKey], bool]
+SignatureCheck = Callable[[Ring, bytes, BundleKey], bool]
+"""``(ring, ring hash, bundle entry) -> verifies``; see :func:`verify_decoded`."""
 
 
-def _check_signature(ring: Ring, entry: BundleKey) -> bool:
+def check_signature(ring: Ring, digest: bytes, entry: BundleKey) -> bool:
+    """Verify ``ring``'s signature under ``entry``'s key (``digest`` unused)."""
     return entry.key.verify(ring.signature, ring.signing_input())
 
 
@@ -199,13 +227,14 @@ def verify_decoded(
     event_id: str | None = None,
     origin_actors: frozenset[str] | None = None,
     trust_domain: str | None = None,
-    signature_check: SignatureCheck = _check_signature,
+    signature_check: SignatureCheck = check_signature,
 ) -> VerifiedContext:
     """Verify an already decoded chain (see :func:`verify_chain`).
 
     ``signature_check`` lets a caller skip signatures it has already verified
-    (a cache of verified ring hashes); it must return the same answer as the
-    default for every ring it is asked about.
+    (:class:`~trusthop.sigcache.SignatureCache`); it gets each ring, its hash
+    (which covers the signature) and its bundle entry, and must return the
+    same answer as :func:`check_signature` for every ring it is asked about.
     """
     newest = chain.newest
     if not isinstance(newest, HopRing):
@@ -214,8 +243,9 @@ def verify_decoded(
     entries = check_keys(chain, bundle, origin_actors=origin_actors, trust_domain=trust_domain)
     # Signatures before any rule about the rings' contents: a reason such as
     # scope_escalation then always names what a real key really signed.
+    hashes = chain.hashes()
     for index, (ring, entry) in enumerate(zip(chain.rings, entries, strict=True)):
-        if not signature_check(ring, entry):
+        if not signature_check(ring, hashes[index], entry):
             raise TrustError(
                 Reason.BAD_SIGNATURE, f"ring {index}: signature does not verify", ring=index
             )
@@ -232,7 +262,7 @@ def verify_decoded(
             f"signed for {newest.destination!r} but consumed from {destination!r}",
             ring=len(chain.hops),
         )
-    check_window(newest, now, limits.leeway)
+    check_window(newest, now, limits.leeway, limits.max_age)
     origin: OriginRing = chain.origin
     return VerifiedContext(
         subject=origin.subject,
