@@ -32,7 +32,7 @@ from trusthop.metrics import Counters, Metrics
 from trusthop.pipeline import ChainVerifier, TrustedEvent
 from trusthop.replay import (
     DEFAULT_REMEMBER,
-    Delivery,
+    DeliveryInfo,
     DeliveryKind,
     OnReplay,
     Sighting,
@@ -118,7 +118,7 @@ class Admission:
             self.metrics.inc(name, amount, reason=reason)
 
     async def admit(
-        self, wire: WireEvent, destination: str, delivery: Delivery | None = None
+        self, wire: WireEvent, destination: str, delivery: DeliveryInfo | None = None
     ) -> Admitted | None:
         """Verify and classify one delivery consumed from ``destination``.
 
@@ -134,7 +134,7 @@ class Admission:
         cache = self.verifier.signature_cache
         hits, misses = (cache.hits, cache.misses) if cache is not None else (0, 0)
         try:
-            admitted = await self._admit(wire, destination, delivery or Delivery())
+            admitted = await self._admit(wire, destination, delivery or DeliveryInfo())
         except TrustError as error:
             self.count("rejected", reason=error.reason.value)
             raise
@@ -154,7 +154,7 @@ class Admission:
         return admitted
 
     async def _admit(
-        self, wire: WireEvent, destination: str, delivery: Delivery
+        self, wire: WireEvent, destination: str, delivery: DeliveryInfo
     ) -> Admitted | None:
         verifier = self.verifier
         prepared = verifier.prepare(wire)
@@ -192,7 +192,7 @@ class Admission:
         key: str,
         wire: WireEvent,
         destination: str,
-        delivery: Delivery,
+        delivery: DeliveryInfo,
         prepared: tuple[bytes, Chain],
         kind: DeliveryKind,
         sighting: Sighting | None,

@@ -24,3 +24,37 @@ def amqp_destination(exchange: str, routing_key: str) -> str:
     if "/" in exchange:
         raise ValueError("an exchange name used with trusthop must not contain '/'")
     return f"amqp:{exchange}/{routing_key}"
+
+
+RETRY_SUFFIX = ".retry"
+DEAD_LETTER_SUFFIX = ".dlq"
+
+
+def retry_topic(topic: str) -> str:
+    """``<topic>.retry``: where a consumer re-publishes records of ``topic``
+    for a delayed handler retry."""
+    return f"{topic}{RETRY_SUFFIX}"
+
+
+def dead_letter_topic(topic: str) -> str:
+    """``<topic>.dlq``: where a consumer dead-letters records of ``topic``."""
+    return f"{topic}{DEAD_LETTER_SUFFIX}"
+
+
+def signed_kafka_destination(consumed_topic: str, subscribed: frozenset[str]) -> str:
+    """The destination a record consumed from ``consumed_topic`` must have been
+    signed for.
+
+    A record of a subscribed topic ``t`` was signed for ``kafka:t``. A record
+    of ``t.retry`` or ``t.dlq``, when ``t`` itself is subscribed, was signed
+    for ``kafka:t`` (the retried or dead-lettered event keeps its chain
+    unchanged). Any other topic must be named by the chain as it is, so an
+    event signed for ``t`` copied into an unrelated topic stays
+    ``wrong_destination``.
+    """
+    for suffix in (RETRY_SUFFIX, DEAD_LETTER_SUFFIX):
+        if consumed_topic.endswith(suffix):
+            base = consumed_topic[: -len(suffix)]
+            if base and base in subscribed:
+                return kafka_destination(base)
+    return kafka_destination(consumed_topic)

@@ -11,7 +11,7 @@ it accepted, a consumer scope keeps one :class:`Sighting` in a replay store
 * ``first``: never seen in this scope (or, with ``max_uses > 1``, another of
   its allowed uses). Verified in full, judged at the current time.
 * ``redelivery``: the broker says it is the same message: Kafka gives the
-  same topic-partition-offset (:attr:`Delivery.id`), RabbitMQ sets its
+  same topic-partition-offset (:attr:`DeliveryInfo.id`), RabbitMQ sets its
   ``redelivered`` flag (a publisher cannot set it). Accepted again without
   checking signatures (the ring's hash, which covers them, equals the
   remembered one, and every link is re-checked), judged at the *first*
@@ -19,7 +19,7 @@ it accepted, a consumer scope keeps one :class:`Sighting` in a replay store
   destination and policy are checked again.
 * ``retry``: the consumer itself re-published it for a handler retry and
   remembered the attempt number (:func:`with_retry`); the copy carries that
-  number (:attr:`Delivery.retry`). Judged like a redelivery, against the
+  number (:attr:`DeliveryInfo.retry`). Judged like a redelivery, against the
   remembered destination. A second copy of the same retry is a replay.
 * ``replay``: any other copy. Rejected with ``replayed``, or skipped as a
   duplicate, by the consumer's configuration.
@@ -76,7 +76,7 @@ class OnReplay(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
+class DeliveryInfo:
     """What the transport knows about one delivery.
 
     ``id``: a broker-assigned identity that is the same on every redelivery
@@ -170,7 +170,9 @@ def sighting_key(scope: str, chain: Chain) -> str:
     return digest.hexdigest()
 
 
-def classify(sighting: Sighting | None, delivery: Delivery, *, max_uses: int = 1) -> DeliveryKind:
+def classify(
+    sighting: Sighting | None, delivery: DeliveryInfo, *, max_uses: int = 1
+) -> DeliveryKind:
     """The kind of ``delivery`` given what the scope remembers (module docstring).
 
     Order matters: a delivery id already seen is a redelivery even when it
@@ -212,7 +214,7 @@ def _with_id(ids: tuple[str, ...], delivery_id: str | None) -> tuple[str, ...]:
 
 def accepted(
     sighting: Sighting | None,
-    delivery: Delivery,
+    delivery: DeliveryInfo,
     kind: DeliveryKind,
     *,
     destination: str,
