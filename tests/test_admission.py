@@ -1,0 +1,340 @@
+"""trusthop.admission: verification plus replay rules, attacked.
+
+The store here is the in-memory one (real code, no mock); the Redis store
+runs the same rules against a real Redis in integration/test_redis_store.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+
+import pytest
+from policykit import policy
+from chainkit import (
+    BUNDLE,
+    DEST1,
+    DEST2,
+    EDGE,
+    NOW,
+    ORDERS_ID,
+    FixedClock,
+    Story,
+    build_story,
+    make_bundle,
+    sign_ring,
+)
+
+from trusthop.admission import Admission
+from trusthop.chain import Chain
+from trusthop.errors import Reason, TrustError
+from trusthop.event import WireEvent
+from trusthop.pipeline import ChainVerifier
+from trusthop.replay import DeliveryInfo, DeliveryKind, Sighting, sighting_key
+from trusthop.stores import Change, MemoryReplayStore, StoreError
+from trusthop.verify import Limits
+
+K = DeliveryKind
+
+
+def wire_of(story: Story) -> WireEvent:
+    wire = dataclasses.replace(story.e2)
+    wire.chain = story.encoded
+    return wire
+
+
+def make(clock: FixedClock, *, store: object = "memory", limits: Limits = Limits(),
+         **kwargs: object) -> Admission:
+    verifier = ChainVerifier(BUNDLE, clock=clock, limits=limits)
+    chosen = MemoryReplayStore() if store == "memory" else store
+    return Admission(verifier, scope="kafka/g1", store=chosen, **kwargs)  # type: ignore[arg-type]
+
+
+async def reason_of(coro: object) -> Reason:
+    with pytest.raises(TrustError) as caught:
+        await coro  # type: ignore[misc]
+    return caught.value.reason
+
+
+async def test_first_then_redelivery_then_replay(story: Story, clock: FixedClock) -> None:
+    adm = make(clock)
+    wire = wire_of(story)
+    first = await adm.admit(wire, DEST2, DeliveryInfo(id="payments/0@1"))
+    assert first is not None and first.kind is K.FIRST and not first.redelivered
+    again = await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="payments/0@1"))
+    assert again is not None and again.kind is K.REDELIVERY and again.redelivered
+    assert await reason_of(adm.admit(wire_of(story), DEST2,
+                                     DeliveryInfo(id="payments/3@1"))) is Reason.REPLAYED
+    c = adm.counters.as_dict()
+    assert (c["verified"], c["redelivered"], c["rejected"]) == (2, 1, {"replayed": 1})
+
+
+async def test_replay_skip_mode_returns_none(story: Story, clock: FixedClock) -> None:
+    adm = make(clock, on_replay="skip")
+    assert await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="a")) is not None
+    assert await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="b")) is None
+    c = adm.counters.as_dict()
+    assert (c["duplicates"], c["replayed"], c["rejected"]) == (1, 1, {})
+
+
+async def test_redelivery_skips_signatures_but_not_time_waited(
+    story: Story, clock: FixedClock
+) -> None:
+    adm = make(clock, limits=Limits(max_age=30, leeway=0))
+    cache = adm.verifier.signature_cache
+    assert cache is not None
+    await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="x"))
+    misses = cache.misses
+    clock.now = NOW + 10 * 24 * 3600  # ten days later, long past every window
+    again = await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="x"))
+    assert again is not None and again.kind is K.REDELIVERY
+    assert cache.misses == misses and cache.hits == 0  # no signature checked at all
+    # The same event as a new delivery is judged now: expired.
+    fresh = make(clock, limits=Limits(max_age=30, leeway=0))
+    assert await reason_of(fresh.admit(wire_of(story), DEST2, DeliveryInfo(id="y"))) is (
+        Reason.EXPIRED)
+
+
+async def test_max_age_limits_first_deliveries(story: Story, clock: FixedClock) -> None:
+    newest = story.chain.newest
+    clock.now = newest.iat + 5 + 2
+    assert await reason_of(make(clock, limits=Limits(max_age=5, leeway=1)).admit(
+        wire_of(story), DEST2)) is Reason.EXPIRED
+    clock.now = newest.iat + 5 + 1
+    assert await make(clock, limits=Limits(max_age=5, leeway=1)).admit(
+        wire_of(story), DEST2) is not None
+
+
+async def test_revocation_applies_to_redeliveries_and_retries(
+    story: Story, clock: FixedClock
+) -> None:
+    adm = make(clock)
+    first = await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="x"))
+    assert first is not None
+    await adm.schedule_retry(first, 2)
+    adm.verifier.bundle = make_bundle(revoked_actors=[ORDERS_ID])
+    assert await reason_of(adm.admit(wire_of(story), DEST2, DeliveryInfo(id="x"))) is (
+        Reason.REVOKED)
+    assert await reason_of(adm.admit(wire_of(story), DEST2, DeliveryInfo(id="r", retry=2))) is (
+        Reason.REVOKED)
+
+
+async def test_policy_is_rechecked_on_redelivery(story: Story, clock: FixedClock) -> None:
+    adm = make(clock)
+    await adm.admit(wire_of(story), DEST2, DeliveryInfo(redelivered=False))
+    adm.verifier.policy = policy(
+        'version = 1\ndefault = "allow"\ntrust_domain = "prod.example.com"\n'
+        'levels = ["untrusted", "internal"]\n'
+        '[[segments]]\nname = "shop"\nnamespace = "shop"\ndeny = ["*"]\n'
+    )
+    assert await reason_of(adm.admit(wire_of(story), DEST2, DeliveryInfo(redelivered=True))) is (
+        Reason.SEGMENT_QUARANTINED)
+
+
+async def test_tampered_redelivery_is_still_caught(story: Story, clock: FixedClock) -> None:
+    """Skipping signatures on a redelivery must not let a copy with the same
+    newest ring but other data, another destination, or an altered earlier
+    ring through."""
+    adm = make(clock)
+    await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="x"))
+    tampered = wire_of(story)
+    tampered.data = b'{"amount":1,"order":42}'
+    assert await reason_of(adm.admit(tampered, DEST2, DeliveryInfo(id="x"))) is (
+        Reason.EVENT_MISMATCH)
+    assert await reason_of(adm.admit(wire_of(story), DEST1, DeliveryInfo(id="x"))) is (
+        Reason.WRONG_DESTINATION)
+    # Ring 1 re-signed with wider scope by its real key; ring 2 kept as is.
+    rings = list(story.chain.rings)
+    rings[1] = sign_ring(dataclasses.replace(rings[1], scope=rings[0].scope), EDGE)
+    swapped = wire_of(story)
+    swapped.chain = Chain(story.chain.origin, (rings[1], rings[2])).encode()  # type: ignore[arg-type]
+    assert await reason_of(adm.admit(swapped, DEST2, DeliveryInfo(id="x"))) is (
+        Reason.BROKEN_LINK)
+
+
+async def test_forged_retry_and_redelivered_flags_do_not_skip_verification(
+    other_story: Story, clock: FixedClock
+) -> None:
+    """Flags on a message never seen in this scope lead to a full first
+    verification: a forged signature is caught."""
+    adm = make(clock)
+    wire = wire_of(other_story)
+    rings = list(other_story.chain.rings)
+    rings[2] = dataclasses.replace(rings[2], signature=bytes(64))
+    wire.chain = Chain(other_story.chain.origin, (rings[1], rings[2])).encode()  # type: ignore[arg-type]
+    for delivery in (DeliveryInfo(redelivered=True), DeliveryInfo(retry=2),
+                     DeliveryInfo(id="x", redelivered=True, retry=5)):
+        assert await reason_of(adm.admit(wire, DEST2, delivery)) is Reason.BAD_SIGNATURE
+
+
+async def test_retry_verifies_against_the_remembered_destination(
+    story: Story, clock: FixedClock
+) -> None:
+    adm = make(clock)
+    first = await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="payments/0@1"))
+    assert first is not None
+    await adm.schedule_retry(first, 2)
+    retry = await adm.admit(wire_of(story), "amqp:/payments-queue",
+                            DeliveryInfo(id="payments.retry/0@0", retry=2))
+    assert retry is not None and retry.kind is K.RETRY and retry.redelivered
+    assert retry.trusted.context.destination == DEST2
+    # The retry cannot be used twice; a retry number never scheduled neither.
+    assert await reason_of(adm.admit(wire_of(story), DEST2,
+                                     DeliveryInfo(id="payments.retry/1@0", retry=2))) is (
+        Reason.REPLAYED)
+    assert await reason_of(adm.admit(wire_of(story), DEST2, DeliveryInfo(retry=3))) is (
+        Reason.REPLAYED)
+    assert adm.counters["retried"] == 1
+
+
+async def test_a_rejection_is_not_remembered(story: Story, clock: FixedClock) -> None:
+    """A copy with tampered data must not claim the ring before the real one."""
+    adm = make(clock)
+    tampered = wire_of(story)
+    tampered.data = b'{"amount":1,"order":42}'
+    assert await reason_of(adm.admit(tampered, DEST2, DeliveryInfo(id="a"))) is (
+        Reason.EVENT_MISMATCH)
+    real = await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="b"))
+    assert real is not None and real.kind is K.FIRST
+
+
+async def test_scopes_are_independent(story: Story, clock: FixedClock) -> None:
+    store = MemoryReplayStore()
+    verifier = ChainVerifier(BUNDLE, clock=clock)
+    groups = [Admission(verifier, scope=f"kafka/g{n}", store=store) for n in (1, 2)]
+    for adm in groups:
+        admitted = await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="p/0@0"))
+        assert admitted is not None and admitted.kind is K.FIRST
+    cache = verifier.signature_cache
+    assert cache is not None and cache.hits == 3  # the second group paid no signature
+    assert groups[1].counters["cache_hits"] == 3
+
+
+async def test_bounded_multi_use(story: Story, clock: FixedClock) -> None:
+    adm = make(clock, max_uses=2)
+    for n in range(2):
+        admitted = await adm.admit(wire_of(story), DEST2, DeliveryInfo(id=f"p/{n}@0"))
+        assert admitted is not None and admitted.kind is K.FIRST
+    assert await reason_of(adm.admit(wire_of(story), DEST2, DeliveryInfo(id="p/2@0"))) is (
+        Reason.REPLAYED)
+
+
+async def test_two_replicas_racing_on_copies_accept_one(clock: FixedClock) -> None:
+    """Many copies admitted concurrently through one shared store: exactly
+    one is accepted; the store's atomic update decides, not the pre-read."""
+    story = build_story("txn-race")
+    store = SlowStore()
+    verifier = ChainVerifier(BUNDLE, clock=clock)
+    replicas = [Admission(verifier, scope="kafka/g", store=store) for _ in range(2)]
+    results = await asyncio.gather(
+        *(replicas[n % 2].admit(wire_of(story), DEST2, DeliveryInfo(id=f"p/{n}@0"))
+          for n in range(20)),
+        return_exceptions=True,
+    )
+    accepted = [r for r in results if not isinstance(r, BaseException)]
+    rejected = [r for r in results if isinstance(r, TrustError)]
+    assert len(accepted) == 1 and len(rejected) == 19
+    assert {r.reason for r in rejected} == {Reason.REPLAYED}
+
+
+class SlowStore(MemoryReplayStore):
+    """Every read yields to the loop first, so all copies pre-read "absent"."""
+
+    async def get(self, key: str) -> bytes | None:
+        await asyncio.sleep(0)
+        return await super().get(key)
+
+
+class BrokenStore:
+    def __init__(self, value: bytes | None = None, fail: bool = True) -> None:
+        self.value, self.fail = value, fail
+
+    async def get(self, key: str) -> bytes | None:
+        if self.fail:
+            raise StoreError("connection refused")
+        return self.value
+
+    async def update(self, key: str, change: Change) -> bytes | None:
+        raise StoreError("connection refused")
+
+
+async def test_store_failures_fail_closed(story: Story, clock: FixedClock) -> None:
+    assert await reason_of(make(clock, store=BrokenStore()).admit(
+        wire_of(story), DEST2)) is Reason.STORE_UNAVAILABLE
+    assert await reason_of(make(clock, store=BrokenStore(fail=False)).admit(
+        wire_of(story), DEST2)) is Reason.STORE_UNAVAILABLE
+    assert await reason_of(make(clock, store=BrokenStore(b"garbage", fail=False)).admit(
+        wire_of(story), DEST2)) is Reason.STORE_UNAVAILABLE
+
+
+async def test_a_full_store_refuses_and_says_so(clock: FixedClock) -> None:
+    adm = make(clock, store=MemoryReplayStore(1))
+    assert await adm.admit(wire_of(build_story("a")), DEST2) is not None
+    with pytest.raises(TrustError) as caught:
+        await adm.admit(wire_of(build_story("b")), DEST2)
+    assert caught.value.reason is Reason.STORE_UNAVAILABLE
+    assert "full" in caught.value.message
+
+
+async def test_a_sighting_that_expired_mid_flight_is_judged_again(
+    story: Story, clock: FixedClock
+) -> None:
+    """The pre-read saw a sighting (redelivery), the write finds none: the
+    delivery is verified again in full, at the current time."""
+    store = VanishingStore()
+    adm = make(clock, store=store, limits=Limits(max_age=30, leeway=0), remember=0)
+    await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="x"))
+    clock.now = NOW + 3600
+    store.vanish = True
+    assert await reason_of(adm.admit(wire_of(story), DEST2, DeliveryInfo(id="x"))) is (
+        Reason.EXPIRED)
+
+
+class VanishingStore(MemoryReplayStore):
+    vanish = False
+
+    async def update(self, key: str, change: Change) -> bytes | None:
+        if self.vanish:
+            self._values.clear()
+        return await super().update(key, change)
+
+
+async def test_without_a_store_every_delivery_is_a_first(story: Story, clock: FixedClock) -> None:
+    adm = make(clock, store=None)
+    for _ in range(2):
+        admitted = await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="x"))
+        assert admitted is not None and admitted.kind is K.FIRST and admitted.key == ""
+
+
+async def test_the_stored_sighting(story: Story, clock: FixedClock) -> None:
+    store = MemoryReplayStore()
+    adm = make(clock, store=store)
+    admitted = await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="p/0@4"))
+    assert admitted is not None
+    assert admitted.key == sighting_key("kafka/g1", story.chain)
+    raw = await store.get(admitted.key)
+    assert raw is not None
+    sighting = Sighting.decode(raw)
+    assert sighting == admitted.sighting
+    assert (sighting.first_seen, sighting.destination, sighting.deliveries) == (
+        NOW, DEST2, ("p/0@4",))
+    assert sighting.expires_at >= NOW + 24 * 3600
+
+
+@pytest.mark.parametrize("bad", [
+    lambda v: Admission(v, scope="s", store=None, max_uses=0),
+    lambda v: Admission(v, scope="s", store=None, remember=-1),
+    lambda v: Admission(v, scope="s", store=None, on_replay="drop"),
+])
+def test_admission_refuses_nonsense(bad: Callable[[ChainVerifier], object]) -> None:
+    with pytest.raises(ValueError):
+        bad(ChainVerifier(BUNDLE))
+
+
+async def test_schedule_retry_refuses_attempt_one(story: Story, clock: FixedClock) -> None:
+    adm = make(clock)
+    admitted = await adm.admit(wire_of(story), DEST2)
+    assert admitted is not None
+    with pytest.raises(ValueError):
+        await adm.schedule_retry(admitted, 1)
