@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Callable
 
 import pytest
-from policykit import policy
 from chainkit import (
     BUNDLE,
     DEST1,
@@ -25,6 +24,7 @@ from chainkit import (
     make_bundle,
     sign_ring,
 )
+from policykit import policy
 
 from trusthop.admission import Admission
 from trusthop.chain import Chain
