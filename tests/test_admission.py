@@ -338,3 +338,24 @@ async def test_schedule_retry_refuses_attempt_one(story: Story, clock: FixedCloc
     assert admitted is not None
     with pytest.raises(ValueError):
         await adm.schedule_retry(admitted, 1)
+
+
+async def test_fan_out_pays_each_prefix_signature_once(story: Story, clock: FixedClock) -> None:
+    """One verified parent, many derived events: the shared prefix is
+    verified once per process, each new hop once."""
+    from chainkit import PAYMENTS, make_event
+
+    from trusthop.sign import append_hop
+
+    adm = make(clock)
+    n = 25
+    for i in range(n):
+        wire = make_event(f"derived-{i}", type_="payment.charged", data={"i": i})
+        wire.chain = append_hop(PAYMENTS, story.chain, event_digest=wire.digest(),
+                                destination="kafka:charges", now=NOW, ttl=60).encode()
+        admitted = await adm.admit(wire, "kafka:charges", DeliveryInfo(id=f"charges/0@{i}"))
+        assert admitted is not None and admitted.kind is K.FIRST
+    prefix = len(story.chain.rings)
+    c = adm.counters.as_dict()
+    assert c["cache_misses"] == prefix + n
+    assert c["cache_hits"] == prefix * (n - 1)
