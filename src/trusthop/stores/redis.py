@@ -16,22 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import redis.asyncio
-from redis.exceptions import (
-    ConnectionError as RedisConnectionError,
-)
-from redis.exceptions import (
-    OutOfMemoryError,
-    RedisError,
-    ResponseError,
-    WatchError,
-)
-from redis.exceptions import (
-    TimeoutError as RedisTimeoutError,
-)
+import redis.exceptions
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError, WatchError
 
 from trusthop.stores.base import Change, StoreError, StoreFull
 
@@ -50,7 +41,7 @@ MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000
 capped here, because Redis refuses expiry times past its clock's range."""
 
 _SAFE_POLICY = "noeviction"
-_NO_KEY = -2
+_CONNECTION_FAILURES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _NO_EXPIRY = -1
 
 
@@ -70,6 +61,8 @@ def _ttl_ms(seconds: float) -> int:
         raise ValueError("change returned a NaN ttl")
     if seconds >= MAX_TTL_MS / 1000:
         return MAX_TTL_MS
+    if seconds <= 0:
+        return 1
     return max(1, math.ceil(seconds * 1000))
 
 
@@ -134,7 +127,7 @@ class RedisReplayStore:
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        settings = client.get_connection_kwargs()
+        settings: dict[str, Any] = client.connection_pool.connection_kwargs
         if settings.get("decode_responses"):
             raise ValueError(
                 "the Redis client decodes responses to str; "
@@ -177,9 +170,7 @@ class RedisReplayStore:
         client_kwargs.setdefault("socket_connect_timeout", DEFAULT_TIMEOUT)
         client_kwargs.setdefault("socket_timeout", DEFAULT_TIMEOUT)
         client = redis.asyncio.Redis.from_url(url, **client_kwargs)
-        store = cls(
-            client, prefix=prefix, max_attempts=max_attempts, allow_eviction=allow_eviction
-        )
+        store = cls(client, prefix=prefix, max_attempts=max_attempts, allow_eviction=allow_eviction)
         store._owns_client = True
         return store
 
@@ -215,17 +206,12 @@ class RedisReplayStore:
         detail = _redact(str(exc), self._password) or "no detail"
         return StoreError(f"{self._where}: {action} failed: {type(exc).__name__}: {detail}")
 
-    def _raise(self, action: str, exc: RedisError) -> StoreError:
-        """The error to raise for ``exc``; its ``__cause__`` is ``exc`` unless
-        ``exc``'s text held the password."""
-        error = self._failure(action, exc)
-        secret = self._password
-        if secret and secret in str(exc):
-            error.__cause__ = None
-            error.__suppress_context__ = True
-        else:
-            error.__cause__ = exc
-        return error
+    def _cause(self, exc: RedisError) -> RedisError | None:
+        """``exc`` to chain to the :class:`StoreError`, unless its text holds
+        the password."""
+        if self._password and self._password in str(exc):
+            return None
+        return exc
 
     def _as_value(self, reply: object) -> bytes | None:
         if reply is None or isinstance(reply, bytes):
@@ -242,7 +228,7 @@ class RedisReplayStore:
         try:
             reply = await self._client.get(self._name(key))
         except RedisError as exc:
-            raise self._raise(f"GET {self._name(key)}", exc) from None
+            raise self._failure(f"GET {self._name(key)}", exc) from self._cause(exc)
         return self._as_value(reply)
 
     async def update(self, key: str, change: Change) -> bytes | None:
@@ -276,19 +262,20 @@ class RedisReplayStore:
         name = self._name(key)
         try:
             async with self._client.pipeline(transaction=True) as pipe:
+                dropped: BaseException | None = None
                 for _ in range(self.max_attempts):
                     try:
                         await pipe.watch(name)
                         current = self._as_value(await pipe.get(name))
                         remaining: int = await pipe.pttl(name)
-                    except WatchError:
-                        continue  # the connection dropped before the write; read again
+                    except WatchError as exc:
+                        dropped = exc.__context__  # nothing was written yet: read again
+                        continue
                     value, ttl = change(current)
                     if value is None:
-                        await pipe.unwatch()
                         return current
                     px = _expiry_ms(_ttl_ms(ttl), remaining)
-                    pipe.multi()
+                    cast(Callable[[], None], pipe.multi)()  # untyped in redis-py 8.1
                     if px is None:
                         pipe.set(name, value, keepttl=True)
                     else:
@@ -296,21 +283,31 @@ class RedisReplayStore:
                     try:
                         await pipe.execute()
                     except WatchError as exc:
+                        # redis-py turns a connection failure on a watching pipeline
+                        # into a WatchError raised while handling it; once EXEC was
+                        # sent, whether Redis ran it is unknown, so it is not retried.
                         lost = exc.__context__
-                        if isinstance(lost, RedisConnectionError | RedisTimeoutError):
+                        if isinstance(lost, _CONNECTION_FAILURES):
                             raise StoreError(
                                 f"{self._where}: the connection failed while the update of "
                                 f"{name} was being committed; it may or may not have been "
                                 f"written ({type(lost).__name__}: "
                                 f"{_redact(str(lost), self._password)})"
                             ) from None
+                        dropped = None
                         continue
                     return current
         except RedisError as exc:
-            raise self._raise(f"update of {name}", exc) from None
+            raise self._failure(f"update of {name}", exc) from self._cause(exc)
+        if isinstance(dropped, _CONNECTION_FAILURES):
+            raise StoreError(
+                f"{self._where}: gave up updating {name} after {self.max_attempts} attempts: "
+                f"the connection kept failing ({type(dropped).__name__}: "
+                f"{_redact(str(dropped), self._password)}); nothing was written"
+            )
         raise StoreError(
             f"{self._where}: gave up updating {name} after {self.max_attempts} attempts: "
-            "other writers kept changing it between the read and the write"
+            "other writers kept changing it between the read and the write; nothing was written"
         )
 
     async def check(self) -> None:
@@ -340,7 +337,7 @@ class RedisReplayStore:
             )
             return
         except RedisError as exc:
-            raise self._raise("CONFIG GET maxmemory-policy", exc) from None
+            raise self._failure("CONFIG GET maxmemory-policy", exc) from self._cause(exc)
         policy = None
         for name, setting in reply.items():
             if _text(name) == "maxmemory-policy":
