@@ -20,7 +20,7 @@ CONTRACT = {
     "INSUFFICIENT_SCOPE": "insufficient_scope", "PATH_VIOLATION": "path_violation",
     "SEGMENT_QUARANTINED": "segment_quarantined", "SUBJECT_DENIED": "subject_denied",
     "PDP_UNAVAILABLE": "pdp_unavailable", "REPLAYED": "replayed",
-    "STORE_UNAVAILABLE": "store_unavailable",
+    "STORE_UNAVAILABLE": "store_unavailable", "INVALID_TOKEN": "invalid_token",
 }
 
 

@@ -69,6 +69,9 @@ class Reason(StrEnum):
     REPLAYED = "replayed"
     """The same signed ring arrived as another message after its allowed uses
     in this consumer group or queue (a re-published copy)."""
+    INVALID_TOKEN = "invalid_token"
+    """At the edge: the user's token is not a valid token of the identity
+    provider (format, algorithm, key, signature, issuer or audience)."""
     STORE_UNAVAILABLE = "store_unavailable"
     """The replay store failed, or is full and refuses to forget an entry
     early (fail closed)."""
