@@ -124,12 +124,15 @@ def test_pem_round_trip_in_memory() -> None:
 
 def test_pem_of_another_key_type_is_refused() -> None:
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
-    other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption())
-    with pytest.raises(ValueError, match="Ed25519"):
-        SigningKey.from_pem(other)
+    for private in (ec.generate_private_key(ec.SECP384R1()),
+                    rsa.generate_private_key(public_exponent=65537, key_size=2048)):
+        other = private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())
+        with pytest.raises(ValueError, match=r"Ed25519|P-256"):
+            SigningKey.from_pem(other)
     with pytest.raises(ValueError):
         SigningKey.from_pem(b"not a pem")
 
@@ -141,3 +144,16 @@ def test_repr_never_shows_the_private_key() -> None:
     assert bytes([9]).hex() * 4 not in text
     assert "PRIVATE" not in text
     assert ED25519 == "EdDSA"
+
+
+def test_rfc8037_a4_signature_through_our_signing_code() -> None:
+    """RFC 8037 appendix A.4: the JWS signing input and its Ed25519 signature."""
+    from trusthop.canonical import b64url_decode
+
+    signing_input = b"eyJhbGciOiJFZERTQSJ9.RXhhbXBsZSBvZiBFZDI1NTE5IHNpZ25pbmc"
+    expected = ("hgyY0il_MGCjP0JzlnLWG1PPOt7-09PGcvMg3AIbQR6dWbhijcNR4ki4iylGjg5BhVsPt9g7sV"
+                "vpAr_MuM0KAg")
+    key = SigningKey.from_seed(RFC8032_SECRET)
+    assert key.public_key.thumbprint == RFC8037_THUMBPRINT
+    assert b64url_encode(key.sign(signing_input)) == expected
+    assert key.public_key.verify(b64url_decode(expected), signing_input)

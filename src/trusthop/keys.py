@@ -1,7 +1,13 @@
-"""Ed25519 keys: generation, PEM files, JWK form and RFC 7638 key ids.
+"""Ring-signing keys: Ed25519 (default) and ECDSA P-256 (ES256).
 
-The algorithm belongs to the key, never to a message: a :class:`PublicKey`
-knows its algorithm and verification never reads an algorithm from the wire.
+Generation, PEM files, JWK form and RFC 7638 key ids. The algorithm belongs
+to the key, never to a message: a :class:`PublicKey` knows its algorithm and
+verification never reads an algorithm from the wire.
+
+ES256 signatures are the 64-byte ``r || s`` of JWS (RFC 7518 section 3.4),
+and only the low-``s`` form is accepted or produced: ECDSA lets anyone turn
+a valid ``(r, s)`` into a second valid ``(r, n - s)``, which would give one
+ring two hashes and let a copy slip past replay detection.
 """
 
 from __future__ import annotations
@@ -13,15 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
 )
 
 from trusthop.canonical import EncodingError, b64url_decode, b64url_encode
 
 ED25519 = "EdDSA"
+ES256 = "ES256"
+ALGORITHMS = (ED25519, ES256)
+
+# Order of the P-256 group.
+_P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_ECDSA = ec.ECDSA(hashes.SHA256())
 
 # Encodings of the eight points of small order (the sign bit, the high bit of
 # the last byte, is ignored). A constant signature "verifies" many or all
@@ -42,108 +59,187 @@ _SMALL_ORDER = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class PublicKey:
-    """A verification key with its pinned algorithm."""
+    """A verification key with its pinned algorithm.
+
+    ``raw`` is the 32-byte Ed25519 key, or for ES256 the 65-byte
+    uncompressed P-256 point (``04 || x || y``).
+
+    Raises:
+        ValueError: an unknown algorithm, a wrong length, a small-order
+            Ed25519 key, or a point that is not on P-256.
+    """
 
     raw: bytes
     alg: str = ED25519
 
     def __post_init__(self) -> None:
-        if self.alg != ED25519:
+        if self.alg == ED25519:
+            if len(self.raw) != 32:
+                raise ValueError("an Ed25519 public key is 32 bytes")
+            if self.raw[:31] + bytes([self.raw[31] & 0x7F]) in _SMALL_ORDER:
+                raise ValueError("an Ed25519 public key of small order is not a key")
+        elif self.alg == ES256:
+            if len(self.raw) != 65 or self.raw[0] != 4:
+                raise ValueError("an ES256 public key is a 65-byte uncompressed P-256 point")
+            _load_public(self.raw, self.alg)  # raises ValueError off the curve
+        else:
             raise ValueError(f"unsupported algorithm {self.alg!r}")
-        if len(self.raw) != 32:
-            raise ValueError("an Ed25519 public key is 32 bytes")
-        if self.raw[:31] + bytes([self.raw[31] & 0x7F]) in _SMALL_ORDER:
-            raise ValueError("an Ed25519 public key of small order is not a key")
+
+    @classmethod
+    def of(cls, key: object) -> PublicKey:
+        """The :class:`PublicKey` of a ``cryptography`` public key object.
+
+        Raises:
+            ValueError: neither Ed25519 nor an EC key on P-256.
+        """
+        if isinstance(key, Ed25519PublicKey):
+            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            return cls(raw)
+        if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+            point = key.public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+            )
+            return cls(point, ES256)
+        raise ValueError("only Ed25519 and P-256 (ES256) keys are supported")
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         """True when ``signature`` is valid for ``message`` under this key."""
         try:
-            _load_public(self.raw).verify(signature, message)
+            if self.alg == ED25519:
+                key = _load_public(self.raw, self.alg)
+                assert isinstance(key, Ed25519PublicKey)
+                key.verify(signature, message)
+                return True
+            if len(signature) != 64:
+                return False
+            r = int.from_bytes(signature[:32], "big")
+            s = int.from_bytes(signature[32:], "big")
+            if not (0 < r < _P256_N and 0 < s <= _P256_N // 2):
+                return False
+            key = _load_public(self.raw, self.alg)
+            assert isinstance(key, ec.EllipticCurvePublicKey)
+            key.verify(encode_dss_signature(r, s), message, _ECDSA)
         except InvalidSignature:
             return False
         return True
 
+    def _jwk_members(self) -> dict[str, str]:
+        if self.alg == ED25519:
+            return {"crv": "Ed25519", "kty": "OKP", "x": b64url_encode(self.raw)}
+        return {
+            "crv": "P-256",
+            "kty": "EC",
+            "x": b64url_encode(self.raw[1:33]),
+            "y": b64url_encode(self.raw[33:]),
+        }
+
     @property
     def thumbprint(self) -> str:
         """RFC 7638 JWK thumbprint (SHA-256, base64url), the default key id."""
-        members = {"crv": "Ed25519", "kty": "OKP", "x": b64url_encode(self.raw)}
-        canonical = json.dumps(members, separators=(",", ":"), sort_keys=True)
+        canonical = json.dumps(self._jwk_members(), separators=(",", ":"), sort_keys=True)
         return b64url_encode(hashlib.sha256(canonical.encode()).digest())
 
     def to_jwk(self) -> dict[str, Any]:
-        """The public JWK members (``kty``, ``crv``, ``x``, ``alg``)."""
-        return {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(self.raw), "alg": self.alg}
+        """The public JWK members (``kty``, ``crv``, ``x``, [``y``], ``alg``)."""
+        return self._jwk_members() | {"alg": self.alg}
 
     @classmethod
     def from_jwk(cls, jwk: dict[str, Any]) -> PublicKey:
-        """Read an Ed25519 public JWK.
+        """Read an Ed25519 (OKP) or P-256 (EC) public JWK.
 
         Raises:
-            ValueError: not an OKP/Ed25519 key, a private key, or an ``alg``
-                other than ``EdDSA``.
+            ValueError: another key type or curve, a private key, an ``alg``
+                that does not match the key, or bad coordinates.
         """
-        if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
-            raise ValueError("only OKP keys on curve Ed25519 are supported")
         if "d" in jwk:
             raise ValueError("a bundle must not hold private keys")
-        alg = jwk.get("alg", ED25519)
-        if alg != ED25519:
-            raise ValueError(f"alg {alg!r} does not match an Ed25519 key")
-        x = jwk.get("x")
-        if not isinstance(x, str):
-            raise ValueError("missing 'x'")
-        try:
-            raw = b64url_decode(x)
-        except EncodingError as exc:
-            raise ValueError("'x' is not base64url") from exc
-        return cls(raw)
+        kty, crv = jwk.get("kty"), jwk.get("crv")
+        if kty == "OKP" and crv == "Ed25519":
+            alg, raw = ED25519, _coordinate(jwk, "x", 32)
+        elif kty == "EC" and crv == "P-256":
+            alg = ES256
+            raw = b"\x04" + _coordinate(jwk, "x", 32) + _coordinate(jwk, "y", 32)
+        else:
+            raise ValueError("only OKP keys on Ed25519 and EC keys on P-256 are supported")
+        claimed = jwk.get("alg", alg)
+        if claimed != alg:
+            raise ValueError(f"alg {claimed!r} does not match a {crv} key (the key's is {alg})")
+        return cls(raw, alg)
 
 
-_PUBLIC_CACHE: dict[bytes, Ed25519PublicKey] = {}
+def _coordinate(jwk: dict[str, Any], name: str, size: int) -> bytes:
+    value = jwk.get(name)
+    if not isinstance(value, str):
+        raise ValueError(f"missing {name!r}")
+    try:
+        raw = b64url_decode(value)
+    except EncodingError as exc:
+        raise ValueError(f"{name!r} is not base64url") from exc
+    if len(raw) != size:
+        raise ValueError(f"{name!r} must be {size} bytes")
+    return raw
 
 
-def _load_public(raw: bytes) -> Ed25519PublicKey:
+_PUBLIC_CACHE: dict[tuple[str, bytes], Ed25519PublicKey | ec.EllipticCurvePublicKey] = {}
+
+
+def _load_public(raw: bytes, alg: str) -> Ed25519PublicKey | ec.EllipticCurvePublicKey:
     # Loading a key costs about as much as a verify; bundles are small, so the
     # loaded objects are kept (bounded by the number of distinct keys seen).
-    key = _PUBLIC_CACHE.get(raw)
+    key = _PUBLIC_CACHE.get((alg, raw))
     if key is None:
-        key = Ed25519PublicKey.from_public_bytes(raw)
+        if alg == ED25519:
+            key = Ed25519PublicKey.from_public_bytes(raw)
+        else:
+            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
         if len(_PUBLIC_CACHE) < 4096:
-            _PUBLIC_CACHE[raw] = key
+            _PUBLIC_CACHE[(alg, raw)] = key
     return key
 
 
 class SigningKey:
-    """An Ed25519 private key that signs rings."""
+    """A private key that signs rings: Ed25519 (default) or P-256 (ES256)."""
 
     __slots__ = ("_key", "public_key")
 
-    def __init__(self, key: Ed25519PrivateKey) -> None:
+    def __init__(self, key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> None:
+        if isinstance(key, ec.EllipticCurvePrivateKey) and not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError("an ECDSA ring-signing key must be on P-256")
         self._key = key
-        raw = key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        self.public_key = PublicKey(raw)
+        self.public_key = PublicKey.of(key.public_key())
+
+    @property
+    def alg(self) -> str:
+        return self.public_key.alg
 
     @classmethod
-    def generate(cls) -> SigningKey:
-        return cls(Ed25519PrivateKey.generate())
+    def generate(cls, alg: str = ED25519) -> SigningKey:
+        """A new key for ``alg`` (``EdDSA`` or ``ES256``).
+
+        Raises:
+            ValueError: another algorithm.
+        """
+        if alg == ED25519:
+            return cls(Ed25519PrivateKey.generate())
+        if alg == ES256:
+            return cls(ec.generate_private_key(ec.SECP256R1()))
+        raise ValueError(f"unsupported algorithm {alg!r} (use {' or '.join(ALGORITHMS)})")
 
     @classmethod
     def from_seed(cls, seed: bytes) -> SigningKey:
-        """Deterministic key from a 32-byte seed (tests and worked examples)."""
+        """Deterministic Ed25519 key from a 32-byte seed (tests and worked examples)."""
         return cls(Ed25519PrivateKey.from_private_bytes(seed))
 
     @classmethod
     def from_pem(cls, data: bytes) -> SigningKey:
-        """Read an unencrypted PKCS#8 PEM Ed25519 private key.
+        """Read an unencrypted PEM private key (PKCS#8, or SEC1 for EC).
 
         Raises:
-            ValueError: not PEM, encrypted, or not an Ed25519 key.
+            ValueError: not PEM, encrypted, or neither Ed25519 nor P-256.
         """
         key = serialization.load_pem_private_key(data, password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError("the PEM file does not hold an Ed25519 private key")
+        if not isinstance(key, (Ed25519PrivateKey, ec.EllipticCurvePrivateKey)):
+            raise ValueError("the PEM file holds neither an Ed25519 nor a P-256 private key")
         return cls(key)
 
     @classmethod
@@ -158,7 +254,14 @@ class SigningKey:
         )
 
     def sign(self, message: bytes) -> bytes:
-        return self._key.sign(message)
+        """Sign ``message``: 64 bytes for either algorithm (ES256 as low-``s`` ``r || s``)."""
+        key = self._key
+        if isinstance(key, Ed25519PrivateKey):
+            return key.sign(message)
+        r, s = decode_dss_signature(key.sign(message, _ECDSA))
+        if s > _P256_N // 2:
+            s = _P256_N - s
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
     def __repr__(self) -> str:
-        return f"SigningKey(kid={self.public_key.thumbprint!r})"
+        return f"SigningKey(alg={self.alg!r}, kid={self.public_key.thumbprint!r})"
