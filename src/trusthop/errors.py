@@ -69,7 +69,7 @@ class Reason(StrEnum):
     REPLAYED = "replayed"
     """The same signed ring arrived as another message after its allowed uses
     in this consumer group or queue (a re-published copy)."""
-    INVALID_TOKEN = "invalid_token"
+    INVALID_TOKEN = "invalid_token"  # noqa: S105 (a reason code, not a secret)
     """At the edge: the user's token is not a valid token of the identity
     provider (format, algorithm, key, signature, issuer or audience)."""
     STORE_UNAVAILABLE = "store_unavailable"

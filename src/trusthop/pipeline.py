@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from cloudevents.core.v1.event import CloudEvent
 
-from trusthop.bundle import TrustBundle
+from trusthop.bundle import BundleSource, TrustBundle, current_bundle
 from trusthop.chain import Chain, OriginRing, decode_chain
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
@@ -225,9 +225,11 @@ class ChainVerifier:
     """Verifies incoming events against a trust bundle.
 
     Args:
-        bundle: the keys and the actors they belong to. It can be replaced at
-            any time (``verifier.bundle = new``); the next message is judged
-            by the new one.
+        bundle: the keys and the actors they belong to, or a
+            :class:`~trusthop.bundle.BundleSource` read at every message (a
+            reload applies at once). Either can be replaced at any time
+            (``verifier.bundle = new``); the next message, however long it
+            waited, is judged by the new one.
         origin_actors: the edge workloads allowed to mint origin rings. Give
             it: without it any workload with a bundled key can start a chain
             for any subject.
@@ -258,7 +260,7 @@ class ChainVerifier:
 
     def __init__(
         self,
-        bundle: TrustBundle,
+        bundle: TrustBundle | BundleSource,
         *,
         origin_actors: Iterable[str] | None = None,
         trust_domain: str | None = None,
@@ -287,12 +289,12 @@ class ChainVerifier:
         self.pdp_timeout = pdp_timeout
 
     @property
-    def bundle(self) -> TrustBundle:
-        """The trust bundle; assigning a new one clears the signature cache."""
+    def bundle(self) -> TrustBundle | BundleSource:
+        """The trust bundle (or its source); assigning clears the signature cache."""
         return self._bundle
 
     @bundle.setter
-    def bundle(self, bundle: TrustBundle) -> None:
+    def bundle(self, bundle: TrustBundle | BundleSource) -> None:
         self._bundle = bundle
         if self.signature_cache is not None:
             self.signature_cache.clear()
@@ -414,7 +416,7 @@ class ChainVerifier:
         check = _known if known else (cache.check if cache is not None else check_signature)
         context = verify_decoded(
             chain,
-            bundle=self.bundle,
+            bundle=current_bundle(self._bundle),
             event_digest=digest,
             destination=destination,
             now=self._clock() if at is None else at,

@@ -11,7 +11,8 @@ rule in this order:
 2. encoding and structure (``malformed``);
 3. keys, oldest ring first: the expected trust domain and origin actors
    (``unauthorized_actor``, when the verifier was given them), key lookup
-   (``unknown_key``), revocation (``revoked``), key-to-actor binding and trust
+   (``unknown_key``), revocation of the key, the actor or its segment, or a
+   ring signed after its key was retired (``revoked``), key-to-actor binding and trust
    domain (``unauthorized_actor``);
 4. every signature (``bad_signature``);
 5. links and narrowing, oldest first: ``broken_link``, ``scope_escalation``,
@@ -107,8 +108,15 @@ def check_binding(
         )
     if entry.revoked:
         raise TrustError(Reason.REVOKED, f"ring {index}: key {ring.kid!r} is revoked", ring=index)
-    if ring.actor in bundle.revoked_actors:
+    if bundle.is_revoked_actor(ring.actor):
         raise TrustError(Reason.REVOKED, f"ring {index}: actor {ring.actor} is revoked", ring=index)
+    if entry.retired_at is not None and ring.iat > entry.retired_at:
+        raise TrustError(
+            Reason.REVOKED,
+            f"ring {index}: key {ring.kid!r} was retired at {entry.retired_at}, "
+            f"the ring was signed later ({ring.iat})",
+            ring=index,
+        )
     if entry.actor != ring.actor:
         raise TrustError(
             Reason.UNAUTHORIZED_ACTOR,
