@@ -21,6 +21,7 @@ CONTRACT = {
     "SEGMENT_QUARANTINED": "segment_quarantined", "SUBJECT_DENIED": "subject_denied",
     "PDP_UNAVAILABLE": "pdp_unavailable", "REPLAYED": "replayed",
     "STORE_UNAVAILABLE": "store_unavailable", "INVALID_TOKEN": "invalid_token",
+    "BAD_CERTIFICATE": "bad_certificate",
 }
 
 

@@ -69,6 +69,9 @@ class Reason(StrEnum):
     REPLAYED = "replayed"
     """The same signed ring arrived as another message after its allowed uses
     in this consumer group or queue (a re-published copy)."""
+    BAD_CERTIFICATE = "bad_certificate"
+    """A ring's X.509-SVID does not validate to its trust domain's X.509
+    authorities at the ring's signing time, or is not a valid SVID."""
     INVALID_TOKEN = "invalid_token"  # noqa: S105 (a reason code, not a secret)
     """At the edge: the user's token is not a valid token of the identity
     provider (format, algorithm, key, signature, issuer or audience)."""
