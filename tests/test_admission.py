@@ -68,6 +68,7 @@ async def test_first_then_redelivery_then_replay(story: Story, clock: FixedClock
                                      DeliveryInfo(id="payments/3@1"))) is Reason.REPLAYED
     c = adm.counters.as_dict()
     assert (c["verified"], c["redelivered"], c["rejected"]) == (2, 1, {"replayed": 1})
+    assert c["replayed"] == 1 and c["duplicates"] == 0
 
 
 async def test_replay_skip_mode_returns_none(story: Story, clock: FixedClock) -> None:
@@ -359,3 +360,20 @@ async def test_fan_out_pays_each_prefix_signature_once(story: Story, clock: Fixe
     c = adm.counters.as_dict()
     assert c["cache_misses"] == prefix + n
     assert c["cache_hits"] == prefix * (n - 1)
+
+
+async def test_a_retry_copy_redelivered_after_a_crash(story: Story, clock: FixedClock) -> None:
+    """RabbitMQ: the retry copy comes back through the default exchange; the
+    worker dies while handling it; the broker redelivers it (flag set). It is
+    judged against the remembered destination, not the default exchange."""
+    adm = make(clock)
+    first = await adm.admit(wire_of(story), DEST2, DeliveryInfo())
+    assert first is not None
+    await adm.schedule_retry(first, 2)
+    retry = await adm.admit(wire_of(story), "amqp:/q", DeliveryInfo(retry=2))
+    assert retry is not None and retry.kind is K.RETRY
+    again = await adm.admit(wire_of(story), "amqp:/q", DeliveryInfo(redelivered=True, retry=2))
+    assert again is not None and again.kind is K.REDELIVERY
+    # Without the retry number, the default exchange is not where it was signed for.
+    assert await reason_of(adm.admit(wire_of(story), "amqp:/q",
+                                     DeliveryInfo(redelivered=True))) is Reason.WRONG_DESTINATION

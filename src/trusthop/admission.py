@@ -137,6 +137,8 @@ class Admission:
             admitted = await self._admit(wire, destination, delivery or DeliveryInfo())
         except TrustError as error:
             self.count("rejected", reason=error.reason.value)
+            if error.reason is Reason.REPLAYED:
+                self.count("replayed")
             raise
         finally:
             if cache is not None:
@@ -205,7 +207,11 @@ class Admission:
             trusted = await verifier._verify_with(wire, destination, prepared=prepared)
         else:
             assert sighting is not None
-            target = sighting.destination if kind is DeliveryKind.RETRY else destination
+            # A retry copy (or its redelivery after a crash) arrives from the
+            # consumer's own retry topic or queue: it is judged against the
+            # destination remembered when the original was accepted.
+            retried = kind is DeliveryKind.RETRY or delivery.retry > 0
+            target = sighting.destination if retried else destination
             trusted = await verifier._verify_with(
                 wire, target, prepared=prepared, at=sighting.first_seen, known=True
             )
