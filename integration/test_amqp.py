@@ -36,6 +36,7 @@ from trusthop.amqp import (
     TrustedPublisher,
     TrustedWorker,
     dead_letter_queue_name,
+    retry_queue_name,
     routing_key_matches,
 )
 from trusthop.bindings.amqp import encode_amqp
@@ -125,7 +126,7 @@ class Rabbit:
 
     def queue(self, suffix: str) -> str:
         name = self.name(suffix)
-        self.queues += [name, dead_letter_queue_name(name)]
+        self.queues += [name, dead_letter_queue_name(name), retry_queue_name(name)]
         return name
 
     async def channel(self, *, on_return_raises: bool = False) -> AbstractChannel:
@@ -140,6 +141,7 @@ class Rabbit:
 
     def worker(self, channel: AbstractChannel, **options: Any) -> TrustedWorker:
         options.setdefault("retry_backoff", 0.01)
+        options.setdefault("retry_delay", 0.2)
         return TrustedWorker(
             channel, verifier=ChainVerifier(BUNDLE), dead_letter_exchange=self.dlx, **options
         )
@@ -612,17 +614,23 @@ async def test_publish_to_missing_exchange_raises(rabbit: Rabbit) -> None:
 # --------------------------------------------------------------------------- #
 
 
-async def test_handler_failures_are_retried_then_dead_lettered(rabbit: Rabbit) -> None:
+@pytest.mark.parametrize("retry_queue", [True, False], ids=["retry-queue", "in-process"])
+async def test_handler_failures_are_retried_then_dead_lettered(
+    rabbit: Rabbit, retry_queue: bool
+) -> None:
     channel = await rabbit.channel()
     orders_x = await rabbit.exchange(channel, "orders")
     queue = rabbit.queue("flaky")
-    worker = rabbit.worker(channel, max_attempts=3)
+    worker = rabbit.worker(channel, max_attempts=3, retry_queue=retry_queue)
     attempts: dict[str, list[int]] = {}
+    kinds: dict[str, list[str]] = {}
 
     @worker.handler(queue, bind=[(orders_x.name, "order.placed")])
     async def on_order(delivery: Delivery) -> None:
         event_id = delivery.event.get_id()
         attempts.setdefault(event_id, []).append(delivery.attempt)
+        kinds.setdefault(event_id, []).append(delivery.kind.value)
+        assert delivery.redelivered is (delivery.attempt > 1)
         if event_id == "always" or (event_id == "twice" and delivery.attempt <= 2):
             raise RuntimeError(f"boom on {event_id}")
 
@@ -645,16 +653,24 @@ async def test_handler_failures_are_retried_then_dead_lettered(rabbit: Rabbit) -
     await channel.close()
 
     assert attempts == {"always": [1, 2, 3], "twice": [1, 2, 3], "fine": [1]}
+    later = "retry" if retry_queue else "first"  # in-process retries are the same delivery
+    assert kinds["twice"] == ["first", later, later] and kinds["fine"] == ["first"]
     assert worker.stats.delivered == 2
     assert worker.stats.dead_lettered == Counter({Reason.HANDLER_FAILED: 1})
     assert worker.stats.handler_errors == 5
+    assert worker.stats.retried == (4 if retry_queue else 0)
+    assert worker.counters["retried"] == worker.stats.retried
+    assert worker.counters.rejected == Counter({"handler_failed": 1})
     assert await rabbit.counts(queue) == 0
+    if retry_queue:
+        assert await rabbit.counts(retry_queue_name(queue)) == 0
     (letter,) = await rabbit.drain(dead_letter_queue_name(queue))
     assert letter.headers[H_REASON] == "handler_failed"
     assert letter.headers[H_ATTEMPTS] == "3"
     assert "boom on always" in str(letter.headers[H_DETAIL])
     assert letter.headers["cloudEvents_id"] == "always"
     assert letter.body == bodies["always"]
+    assert "trusthop-retry" not in letter.headers
 
 
 async def test_pdp_decides_and_fails_closed(rabbit: Rabbit) -> None:

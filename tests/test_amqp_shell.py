@@ -28,25 +28,51 @@ from pamqp.header import ContentHeader
 from trusthop.amqp import (
     H_HEADERS_BYTES,
     H_HEADERS_DROPPED,
+    H_RETRY,
     Delivery,
     PublishRefused,
     TrustedPublisher,
     TrustedWorker,
+    check_delivery,
     dead_letter_headers,
     dead_letter_queue_name,
     delivery_matches_bindings,
     minimal_dead_letter_headers,
+    parse_retry,
+    retry_attempt,
+    retry_headers,
+    retry_queue_arguments,
+    retry_queue_name,
     routing_key_matches,
+    signed_destination,
     verify_delivery,
 )
-from trusthop.amqp.messages import DEFAULT_FRAME_MAX, encoded_headers_size, header_budget
+from trusthop.amqp.messages import (
+    DEFAULT_FRAME_MAX,
+    encoded_headers_size,
+    header_budget,
+    retry_delay_ms,
+)
 from trusthop.bindings.amqp import encode_amqp
 from trusthop.bundle import TrustBundle
 from trusthop.destination import amqp_destination
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
-from trusthop.pipeline import H_CONSUMER, H_REASON, ChainSigner, ChainVerifier, Rejection
+from trusthop.pipeline import (
+    H_ATTEMPTS,
+    H_CONSUMER,
+    H_DESTINATION,
+    H_DETAIL,
+    H_REASON,
+    H_SOURCE,
+    ChainSigner,
+    ChainVerifier,
+    Rejection,
+)
+from trusthop.replay import DeliveryKind
 from trusthop.sign import Identity, mint_origin
+from trusthop.stores import MemoryReplayStore, StoreError
+from trusthop.verify import Limits
 
 EXCHANGE, ROUTING_KEY = "orders", "order.placed"
 DESTINATION = amqp_destination(EXCHANGE, ROUTING_KEY)
@@ -665,12 +691,13 @@ class LadderQueue:
 
 
 class LadderExchange:
-    """A dead-letter exchange whose publishes follow a script of outcomes."""
+    """An exchange whose publishes follow a script of outcomes."""
 
-    def __init__(self, outcomes: list[Any]) -> None:
-        self.name = "dlx"
+    def __init__(self, outcomes: list[Any], name: str = "dlx") -> None:
+        self.name = name
         self.outcomes = outcomes
         self.published: list[Any] = []
+        self.routes: list[tuple[str, bool]] = []
 
     async def publish(self, message: Any, routing_key: str, *, mandatory: bool = True) -> Any:
         outcome = self.outcomes.pop(0) if self.outcomes else Basic.Ack(delivery_tag=1)
@@ -678,23 +705,28 @@ class LadderExchange:
             raise outcome
         encode.field_table(message.headers)  # what aiormq does before sending
         self.published.append(message)
+        self.routes.append((routing_key, mandatory))
         return outcome
 
 
 class LadderChannel:
     publisher_confirms = True
 
-    def __init__(self, outcomes: list[Any]) -> None:
+    def __init__(self, outcomes: list[Any], *, retry_outcomes: list[Any] | None = None) -> None:
         self.dlx = LadderExchange(outcomes)
+        self.default_exchange = LadderExchange(retry_outcomes or [], name="")
         self.queues: dict[str, LadderQueue] = {}
+        self.declared: dict[str, dict[str, Any]] = {}
+        self.prefetch: int | None = None
 
     async def set_qos(self, prefetch_count: int) -> None:
-        return None
+        self.prefetch = prefetch_count
 
     async def declare_exchange(self, name: str, *args: Any, **kwargs: Any) -> LadderExchange:
         return self.dlx
 
     async def declare_queue(self, name: str, **kwargs: Any) -> LadderQueue:
+        self.declared[name] = kwargs
         return self.queues.setdefault(name, LadderQueue(name))
 
     async def deliver(self, queue: str, message: FakeIncoming) -> None:
@@ -704,12 +736,21 @@ class LadderChannel:
 class FakeIncoming:
     """Enough of an aio-pika IncomingMessage for the worker."""
 
-    def __init__(self, body: bytes, headers: dict[str, Any], *, redelivered: bool = False) -> None:
+    def __init__(
+        self,
+        body: bytes,
+        headers: dict[str, Any],
+        *,
+        redelivered: bool = False,
+        exchange: str = EXCHANGE,
+        routing_key: str = ROUTING_KEY,
+        content_type: str | None = None,
+    ) -> None:
         self.body = body
         self.headers = headers
         self.redelivered = redelivered
-        self.exchange, self.routing_key = EXCHANGE, ROUTING_KEY
-        self.content_type: str | None = None
+        self.exchange, self.routing_key = exchange, routing_key
+        self.content_type = content_type
         self.content_encoding = self.correlation_id = self.reply_to = None
         self.message_id, self.type, self.app_id = "m-1", None, None
         self.delivery_mode, self.priority, self.timestamp = 2, None, None
@@ -738,7 +779,14 @@ class FakeIncoming:
 
     def again(self) -> FakeIncoming:
         """The same message as the broker redelivers it."""
-        return FakeIncoming(self.body, dict(self.headers), redelivered=True)
+        return FakeIncoming(
+            self.body,
+            dict(self.headers),
+            redelivered=True,
+            exchange=self.exchange,
+            routing_key=self.routing_key,
+            content_type=self.content_type,
+        )
 
 
 def refused() -> PublishRefused:
@@ -753,9 +801,8 @@ async def ladder(
     outcomes: list[Any], *, abandon_after: float = 0.0
 ) -> tuple[TrustedWorker, LadderChannel]:
     channel = LadderChannel(outcomes)
-    worker = TrustedWorker(  # type: ignore[arg-type]
-        channel, verifier=VERIFIER, abandon_after=abandon_after
-    )
+    fake: Any = channel
+    worker = TrustedWorker(fake, verifier=VERIFIER, abandon_after=abandon_after)
 
     @worker.handler("billing", bind=[(EXCHANGE, ROUTING_KEY)])
     async def handle(delivery: Delivery) -> None:
@@ -857,3 +904,385 @@ async def test_oversized_headers_are_not_copied_into_the_dead_letter() -> None:
     assert int(letter.headers[H_HEADERS_BYTES]) > 130_990
     assert letter.message_id == "m-1" and letter.delivery_mode == 2  # properties kept
     assert worker.stats.dead_lettered == {Reason.MALFORMED: 1}
+
+
+# --------------------------------------------------------------------------- #
+# the retry path: pure helpers
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("2", 2), ("1", 1), ("1000", 1000), (3, 3), (1000, 1000)],
+)
+def test_a_retry_header_states_an_attempt(value: Any, expected: int) -> None:
+    assert parse_retry(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "0",
+        "02",
+        "+2",
+        "-2",
+        " 2",
+        "2 ",
+        "2.0",
+        "1e3",
+        "0x2",
+        "1001",
+        "10000",
+        "99999999999999999999",
+        "",
+        "two",
+        "\u0662",  # ARABIC-INDIC DIGIT TWO: int() reads it, the header must not
+        "\u00b2",  # SUPERSCRIPT TWO
+        0,
+        -1,
+        1001,
+        2**70,
+        True,
+        False,
+        2.0,
+        None,
+        b"2",
+        bytearray(b"2"),
+        ["2"],
+        {"n": 2},
+        decimal.Decimal(2),
+    ],
+)
+def test_anything_but_a_small_positive_integer_is_no_retry(value: Any) -> None:
+    assert parse_retry(value) == 0
+
+
+def test_only_the_retry_queues_path_can_carry_a_retry() -> None:
+    headers = {H_RETRY: "2"}
+    assert retry_attempt(headers, exchange="", routing_key="billing", queue="billing") == 2
+    assert retry_attempt(headers, exchange=None, routing_key="billing", queue="billing") == 2
+    # Through any exchange, or to another queue name: the header is ignored.
+    assert retry_attempt(headers, exchange=EXCHANGE, routing_key="billing", queue="billing") == 0
+    assert retry_attempt(headers, exchange="", routing_key="billing.retry", queue="billing") == 0
+    assert retry_attempt(headers, exchange="", routing_key="other", queue="billing") == 0
+    assert retry_attempt(None, exchange="", routing_key="billing", queue="billing") == 0
+    # Exact header name only.
+    upper = {"Trusthop-Retry": "2"}
+    assert retry_attempt(upper, exchange="", routing_key="billing", queue="billing") == 0
+
+
+def test_a_retry_copy_keeps_the_application_headers_and_states_its_attempt() -> None:
+    original = {
+        **HEADERS,
+        "app": "kept",
+        "blob": b"\xff",
+        "trusthop-reason": "forged",
+        "trusthop-retry": "9",
+        "CC": ["elsewhere"],
+        "x-death": [{"count": 5, "queue": "billing.retry"}],
+        "x-first-death-queue": "billing.retry",
+        "x-last-death-reason": "expired",
+    }
+    copy = retry_headers(original, attempts=2, retry=3)
+    assert copy[H_RETRY] == "3" and copy[H_ATTEMPTS] == "2"
+    assert copy["app"] == "kept" and copy["blob"] == bytearray(b"\xff")
+    for name in ("trusthop-reason", "CC", "x-death", "x-first-death-queue", "x-last-death-reason"):
+        assert name not in copy
+    assert {k: v for k, v in copy.items() if k.startswith("cloudEvents_")} == HEADERS
+    encode.field_table(copy)  # publishable as is
+
+
+def test_retry_queue_names_and_arguments() -> None:
+    assert retry_queue_name("billing") == "billing.retry"
+    assert retry_queue_arguments("billing", 0.3) == {
+        "x-message-ttl": 300,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "billing",
+    }
+    assert retry_delay_ms(0.0001) == 1 and retry_delay_ms(2) == 2000
+    bad: Any
+    for bad in (0, -1, float("nan"), float("inf"), True, "1", 3e6):
+        with pytest.raises(ValueError, match="retry_delay"):
+            retry_delay_ms(bad)
+
+
+def test_the_signed_destination_of_a_message_when_it_decodes() -> None:
+    limits = Limits()
+    assert signed_destination(HEADERS, BODY, CONTENT_TYPE, limits=limits) == DESTINATION
+    assert signed_destination({}, b"junk", None, limits=limits) is None
+    no_chain = {k: v for k, v in HEADERS.items() if k != "cloudEvents_trustchain"}
+    assert signed_destination(no_chain, BODY, CONTENT_TYPE, limits=limits) is None
+    assert signed_destination(HEADERS, BODY, CONTENT_TYPE, limits=Limits(max_bytes=10)) is None
+
+
+def test_check_delivery_decodes_and_names_where_it_came_from() -> None:
+    wire, destination = check_delivery(
+        headers=HEADERS,
+        body=BODY,
+        content_type=CONTENT_TYPE,
+        exchange=EXCHANGE,
+        routing_key=ROUTING_KEY,
+    )
+    assert destination == DESTINATION and wire.id == "evt-1"
+    with pytest.raises(TrustError) as info:
+        check_delivery(
+            headers=HEADERS,
+            body=BODY,
+            content_type=CONTENT_TYPE,
+            exchange="elsewhere",
+            routing_key=ROUTING_KEY,
+            queue="billing",
+            bindings=[(EXCHANGE, ROUTING_KEY)],
+        )
+    assert info.value.reason is Reason.WRONG_DESTINATION
+
+
+# --------------------------------------------------------------------------- #
+# the worker's admission and retry path, with a stand-in channel
+# --------------------------------------------------------------------------- #
+
+
+def test_worker_replay_options() -> None:
+    channel: Any = LadderChannel([])
+    one, two = TrustedWorker(channel, verifier=VERIFIER), TrustedWorker(channel, verifier=VERIFIER)
+    assert isinstance(one.replay_store, MemoryReplayStore)
+    assert one.replay_store is not two.replay_store  # a fresh store per worker
+
+    async def handle(delivery: Any) -> None:
+        return None
+
+    store = MemoryReplayStore()
+    worker = TrustedWorker(channel, verifier=VERIFIER, replay_store=store, max_uses=3)
+    worker.handler("billing")(handle)
+    admission = worker.admissions["billing"]
+    assert admission.scope == "amqp/billing" and admission.store is store
+    assert admission.max_uses == 3 and admission.verifier is VERIFIER
+    off = TrustedWorker(channel, verifier=VERIFIER, replay_store=None, retry_queue=False)
+    assert off.replay_store is None
+    with pytest.raises(ValueError, match="replay store"):
+        TrustedWorker(channel, verifier=VERIFIER, replay_store=None)
+    for bad in ({"retry_delay": 0}, {"retry_delay": float("nan")}, {"max_uses": 0}):
+        with pytest.raises(ValueError):
+            TrustedWorker(channel, verifier=VERIFIER, **bad)
+    with pytest.raises(ValueError):
+        TrustedWorker(channel, verifier=VERIFIER, on_replay="ignore")
+    with pytest.raises(ValueError, match="remember"):
+        TrustedWorker(channel, verifier=VERIFIER, remember=-1)
+
+
+class CheckedStore(MemoryReplayStore):
+    def __init__(self, error: Exception | None) -> None:
+        super().__init__()
+        self.error = error
+        self.checked = 0
+
+    async def check(self) -> None:
+        self.checked += 1
+        if self.error is not None:
+            raise self.error
+
+
+async def test_the_store_is_checked_before_anything_is_declared() -> None:
+    async def handle(delivery: Any) -> None:
+        return None
+
+    channel = LadderChannel([])
+    bad = CheckedStore(StoreError("this Redis may evict entries"))
+    worker = TrustedWorker(channel, verifier=VERIFIER, replay_store=bad)  # type: ignore[arg-type]
+    worker.handler("billing")(handle)
+    with pytest.raises(StoreError, match="evict"):
+        await worker.start()
+    assert bad.checked == 1 and channel.declared == {} and channel.prefetch is None
+
+    good = CheckedStore(None)
+    worker = TrustedWorker(
+        channel,  # type: ignore[arg-type]
+        verifier=VERIFIER,
+        replay_store=good,
+        prefetch_count=7,
+        retry_delay=0.25,
+    )
+    worker.handler("billing")(handle)
+    await worker.start()
+    assert good.checked == 1 and channel.prefetch == 7
+    assert channel.declared["billing.retry"] == {
+        "durable": True,
+        "arguments": retry_queue_arguments("billing", 0.25),
+    }
+    assert set(channel.declared) == {"billing", "billing.dlq", "billing.retry"}
+    await worker.stop()
+
+
+async def test_in_process_retries_declare_no_retry_queue() -> None:
+    channel = LadderChannel([])
+    worker = TrustedWorker(channel, verifier=VERIFIER, retry_queue=False)  # type: ignore[arg-type]
+
+    async def handle(delivery: Any) -> None:
+        return None
+
+    worker.handler("billing")(handle)
+    await worker.start()
+    assert set(channel.declared) == {"billing", "billing.dlq"}
+
+
+def valid(**kwargs: Any) -> FakeIncoming:
+    """The sealed event as delivered from its exchange."""
+    return FakeIncoming(BODY, dict(HEADERS), content_type=CONTENT_TYPE, **kwargs)
+
+
+async def failing_worker(
+    channel: LadderChannel, *, fail: int, **options: Any
+) -> tuple[TrustedWorker, list[Delivery]]:
+    """A worker on ``billing`` whose handler fails its first ``fail`` attempts."""
+    worker = TrustedWorker(channel, verifier=VERIFIER, **options)  # type: ignore[arg-type]
+    calls: list[Delivery] = []
+
+    @worker.handler("billing", bind=[(EXCHANGE, ROUTING_KEY)])
+    async def handle(delivery: Delivery) -> None:
+        calls.append(delivery)
+        if delivery.attempt <= fail:
+            raise RuntimeError(f"boom {delivery.attempt}")
+
+    await worker.start()
+    return worker, calls
+
+
+def came_back(copy: Any, queue: str = "billing") -> FakeIncoming:
+    """A retry copy as RabbitMQ delivers it after its TTL: default exchange, queue name."""
+    return FakeIncoming(
+        copy.body, dict(copy.headers), exchange="", routing_key=queue, content_type=CONTENT_TYPE
+    )
+
+
+async def test_a_failed_attempt_goes_through_the_retry_queue_until_max_attempts() -> None:
+    channel = LadderChannel([])
+    worker, calls = await failing_worker(channel, fail=9, max_attempts=2)
+    # A retry header on a delivery through the exchange is not believed.
+    first = valid()
+    first.headers.update({H_RETRY: "2", "app": "kept"})
+    await channel.deliver("billing", first)
+    assert first.settled == ["ack"] and worker.stats.retried == 1
+    ((copy,), (route,)) = channel.default_exchange.published, channel.default_exchange.routes
+    assert route == ("billing.retry", True)  # mandatory: a missing retry queue is an error
+    assert copy.headers[H_RETRY] == "2" and copy.headers[H_ATTEMPTS] == "1"
+    assert copy.headers["app"] == "kept" and copy.body == BODY and copy.message_id == "m-1"
+    assert channel.dlx.published == []
+
+    retry = came_back(copy)
+    await channel.deliver("billing", retry)
+    assert [(d.attempt, d.kind, d.redelivered) for d in calls] == [
+        (1, DeliveryKind.FIRST, False),
+        (2, DeliveryKind.RETRY, True),
+    ]
+    assert calls[1].context.destination == DESTINATION  # the remembered destination
+    assert retry.settled == ["ack"]
+    (letter,) = channel.dlx.published
+    assert letter.headers[H_REASON] == "handler_failed" and letter.headers[H_ATTEMPTS] == "2"
+    assert letter.headers[H_DESTINATION] == DESTINATION
+    assert letter.headers[H_SOURCE] == "amqp:/billing"
+    assert H_RETRY not in letter.headers
+
+    # A second copy of the same retry: a replay, dead-lettered with its attempt.
+    twice = came_back(copy)
+    await channel.deliver("billing", twice)
+    assert len(calls) == 2 and twice.settled == ["ack"]
+    assert channel.dlx.published[-1].headers[H_REASON] == "replayed"
+    assert channel.dlx.published[-1].headers[H_ATTEMPTS] == "2"
+    assert worker.counters["retried"] == 1 and worker.counters["verified"] == 2
+    assert worker.counters.rejected == {"handler_failed": 1, "replayed": 1}
+    assert worker.stats.dead_lettered == {Reason.HANDLER_FAILED: 1, Reason.REPLAYED: 1}
+
+
+async def test_a_retry_copy_that_is_not_confirmed_is_dead_lettered_at_once() -> None:
+    channel = LadderChannel([], retry_outcomes=[refused()])
+    worker, calls = await failing_worker(channel, fail=1)
+    message = valid()
+    await channel.deliver("billing", message)
+    assert len(calls) == 1 and message.settled == ["ack"]  # dead-lettered, not requeued
+    (letter,) = channel.dlx.published
+    assert letter.headers[H_REASON] == "handler_failed" and letter.headers[H_ATTEMPTS] == "1"
+    assert "retry 2 not scheduled: PublishRefused" in str(letter.headers[H_DETAIL])
+    assert worker.stats.retried == 0 and worker.stats.requeued == 0
+
+
+async def test_a_retry_copy_too_large_for_a_frame_is_dead_lettered_not_published() -> None:
+    channel = LadderChannel([])
+    await failing_worker(channel, fail=1)
+    message = valid()
+    message.headers["pad"] = "A" * 131_000  # arrived at the limit; the copy would not fit
+    await channel.deliver("billing", message)
+    assert channel.default_exchange.published == [] and message.settled == ["ack"]
+    (letter,) = channel.dlx.published
+    assert "would not fit" in str(letter.headers[H_DETAIL])
+
+
+@pytest.mark.parametrize("on_replay", ["reject", "skip"])
+async def test_a_copy_of_a_handled_message_is_rejected_or_skipped(on_replay: str) -> None:
+    channel = LadderChannel([])
+    worker, calls = await failing_worker(channel, fail=0, on_replay=on_replay)
+    original, copy = valid(), valid()
+    await channel.deliver("billing", original)
+    await channel.deliver("billing", copy)
+    assert len(calls) == 1 and original.settled == copy.settled == ["ack"]
+    if on_replay == "skip":
+        assert channel.dlx.published == [] and worker.stats.skipped == 1
+        assert worker.counters["duplicates"] == 1
+    else:
+        (letter,) = channel.dlx.published
+        assert letter.headers[H_REASON] == "replayed"
+        assert letter.headers[H_DESTINATION] == DESTINATION
+
+
+async def test_a_redelivery_is_handled_again_and_flagged() -> None:
+    channel = LadderChannel([])
+    worker, calls = await failing_worker(channel, fail=0)
+    first = valid()
+    await channel.deliver("billing", first)
+    again = first.again()
+    await channel.deliver("billing", again)
+    assert [(d.kind, d.redelivered) for d in calls] == [
+        (DeliveryKind.FIRST, False),
+        (DeliveryKind.REDELIVERY, True),
+    ]
+    assert worker.counters["redelivered"] == 1 and worker.stats.delivered == 2
+
+
+async def test_without_a_store_every_delivery_is_a_first_one() -> None:
+    channel = LadderChannel([])
+    _, calls = await failing_worker(channel, fail=0, replay_store=None, retry_queue=False)
+    await channel.deliver("billing", valid())
+    await channel.deliver("billing", valid(redelivered=True))
+    assert [(d.kind, d.redelivered) for d in calls] == [
+        (DeliveryKind.FIRST, False),
+        (DeliveryKind.FIRST, True),  # the broker's flag still tells the handler
+    ]
+
+
+async def test_routing_rejections_are_counted_with_their_destination() -> None:
+    channel = LadderChannel([])
+    worker, calls = await failing_worker(channel, fail=0)
+    copied = valid()
+    copied.headers["CC"] = ["elsewhere"]
+    await channel.deliver("billing", copied)
+    assert calls == [] and copied.settled == ["ack"]
+    (letter,) = channel.dlx.published
+    assert letter.headers[H_REASON] == "wrong_destination"
+    assert letter.headers[H_DESTINATION] == DESTINATION
+    assert worker.counters.rejected == {"wrong_destination": 1}
+
+
+class BrokenStore(MemoryReplayStore):
+    async def get(self, key: str) -> bytes | None:
+        raise OSError("a store that fails outside its contract")
+
+
+async def test_a_store_failing_outside_its_contract_fails_closed() -> None:
+    channel = LadderChannel([])
+    worker, calls = await failing_worker(channel, fail=0, replay_store=BrokenStore())
+    message = valid()
+    await channel.deliver("billing", message)
+    assert calls == [] and message.settled == ["ack"]
+    (letter,) = channel.dlx.published
+    assert letter.headers[H_REASON] == "store_unavailable"
+    assert "OSError" in str(letter.headers[H_DETAIL])
+    assert worker.counters.rejected == {"store_unavailable": 1}

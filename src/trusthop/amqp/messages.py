@@ -1,9 +1,22 @@
-"""AMQP messages without I/O: verification of a delivery, dead-letter headers and names.
+"""AMQP messages without I/O: verification of a delivery, dead-letter and retry headers, names.
 
 Pure helpers of :class:`~trusthop.amqp.worker.TrustedWorker`: decode and
 verify one delivered message against ``amqp:<exchange>/<routing key>`` (after
 the routing checks below), build the headers of its dead letter within a byte
-budget, name the dead-letter queue of a queue.
+budget, name the dead-letter and retry queues of a queue, and read and write
+the worker's own retry attempt header (:func:`retry_attempt`,
+:func:`retry_headers`).
+
+Retry path: a handler retry is a copy of the message published to
+``<queue>.retry`` (:func:`retry_queue_name`), a queue whose message TTL sends
+it back, through the default exchange, to ``<queue>``
+(:func:`retry_queue_arguments`). The copy carries ``trusthop-retry: n`` (the
+handler attempt it is for). The worker believes that header only on a
+delivery through the default exchange with the queue's own name as routing
+key, the way the retry queue delivers; everywhere else it is ignored. Even
+there it is only a claim: the replay store decides (a retry must match the
+attempt the consumer itself scheduled, see :mod:`trusthop.replay`), so a
+forged header can make a delivery be judged as a replay, never let it in.
 
 Routing checks, run before the chain is decoded:
 
@@ -20,21 +33,30 @@ Routing checks, run before the chain is decoded:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 from typing import Any
 
 from aio_pika.abc import HeadersType
 from pamqp import encode
-from pamqp.common import FieldValue
+from pamqp.common import FieldTable, FieldValue
 
 from trusthop.bindings.amqp import decode_amqp
+from trusthop.chain import decode_chain
 from trusthop.destination import amqp_destination
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
-from trusthop.pipeline import ChainVerifier, Rejection, TrustedEvent
+from trusthop.pipeline import H_ATTEMPTS, ChainVerifier, Rejection, TrustedEvent
+from trusthop.verify import Limits
 
 DEFAULT_DEAD_LETTER_EXCHANGE = "trusthop.dlx"
 DLQ_SUFFIX = ".dlq"
+RETRY_SUFFIX = ".retry"
+
+H_RETRY = "trusthop-retry"
+"""Header of a retry copy: the handler attempt (2, 3, ...) it is published for."""
+MAX_RETRY_ATTEMPT = 1000
+"""Largest ``trusthop-retry`` value read; anything larger reads as 0 (no retry)."""
 
 # Dead-letter headers added when the original headers are left out.
 H_HEADERS_DROPPED = "trusthop-headers-dropped"
@@ -55,6 +77,21 @@ flags (14), and at most eight short-string properties (8 x 256) fit in it.
 # copies of an attacker's message to other queues bound to the DLX).
 _OWN_PREFIX = "trusthop-"
 _ROUTING_HEADERS = frozenset({"cc", "bcc"})
+# Headers RabbitMQ writes when it dead-letters a message (a retry copy
+# leaving its retry queue gets them); never copied into a new retry copy.
+_BROKER_DEATH_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
+
+_MAX_TTL_MS = 2**31 - 1
 
 Binding = tuple[str, str]
 """``(exchange name, binding key)`` of a queue binding."""
@@ -63,6 +100,135 @@ Binding = tuple[str, str]
 def dead_letter_queue_name(queue: str) -> str:
     """The dead-letter queue of ``queue`` (``<queue>.dlq``)."""
     return queue + DLQ_SUFFIX
+
+
+def retry_queue_name(queue: str) -> str:
+    """The retry queue of ``queue`` (``<queue>.retry``)."""
+    return queue + RETRY_SUFFIX
+
+
+def retry_delay_ms(delay: float) -> int:
+    """``delay`` seconds as a RabbitMQ ``x-message-ttl`` (whole milliseconds, at least 1).
+
+    Raises:
+        ValueError: ``delay`` is not a positive finite number of seconds, or
+            longer than RabbitMQ accepts (2**31 - 1 ms, about 24 days).
+    """
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not delay > 0:
+        raise ValueError("retry_delay must be a positive number of seconds")
+    if not math.isfinite(delay) or delay * 1000 > _MAX_TTL_MS:
+        raise ValueError(f"retry_delay must be at most {_MAX_TTL_MS // 1000} seconds")
+    return max(1, round(delay * 1000))
+
+
+def retry_queue_arguments(queue: str, delay: float) -> FieldTable:
+    """Arguments of ``<queue>.retry``: hold each message ``delay`` seconds
+    (``x-message-ttl``), then dead-letter it through the default exchange
+    (``x-dead-letter-exchange: ""``) with ``queue`` as routing key, which
+    puts it back at the tail of ``queue``.
+
+    A queue TTL (not a per-message ``expiration``) is used, so every message
+    of the retry queue expires in order at its head. Declaring an existing
+    retry queue with another ``delay`` fails (``PRECONDITION_FAILED``).
+
+    Raises:
+        ValueError: as :func:`retry_delay_ms`.
+    """
+    return {
+        "x-message-ttl": retry_delay_ms(delay),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": queue,
+    }
+
+
+def parse_retry(value: object) -> int:
+    """The attempt number a ``trusthop-retry`` header value states, or 0.
+
+    Strict: an ``int`` (not a ``bool``) or a string of ASCII digits without
+    sign, spaces or leading zero, between 1 and :data:`MAX_RETRY_ATTEMPT`.
+    Anything else (``"+2"``, ``" 2"``, ``"2.0"``, ``"٢"``, bytes, a huge
+    number) is 0. The header is writable by anyone who can publish to the
+    queue, so a lenient parser would only widen what a forger can say;
+    reading junk as 0 ("not a retry") judges the delivery as a first delivery
+    or a replay, the strictest reading. Never raises.
+    """
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        number = value
+    elif (
+        isinstance(value, str)
+        and 0 < len(value) <= 4
+        and value.isascii()
+        and value.isdigit()
+        and value[0] != "0"
+    ):
+        number = int(value)
+    else:
+        return 0
+    return number if 1 <= number <= MAX_RETRY_ATTEMPT else 0
+
+
+def retry_attempt(
+    headers: Mapping[str, Any] | None,
+    *,
+    exchange: str | None,
+    routing_key: str | None,
+    queue: str,
+) -> int:
+    """The retry attempt a delivery to ``queue`` claims, or 0.
+
+    Only a delivery through the default exchange (``""``) with ``queue`` as
+    routing key, the way ``<queue>.retry`` dead-letters it back, can be a
+    retry; there the ``trusthop-retry`` header (exact name) is read with
+    :func:`parse_retry`. Any other delivery is 0, whatever it carries.
+    Never raises.
+    """
+    if (exchange or "") != "" or (routing_key or "") != queue or not headers:
+        return 0
+    return parse_retry(headers.get(H_RETRY))
+
+
+def retry_headers(headers: Mapping[str, Any] | None, *, attempts: int, retry: int) -> HeadersType:
+    """Headers of a retry copy: the original ones without ``trusthop-*``,
+    ``CC``/``BCC`` and the broker's ``x-death``/``x-first-death-*``/
+    ``x-last-death-*``, plus ``trusthop-attempts`` (handler attempts made)
+    and ``trusthop-retry`` (the attempt the copy is for). Values are made
+    encodable again as in :func:`dead_letter_headers`. Never raises.
+    """
+    out = {
+        key: value
+        for key, value in _copied(headers).items()
+        if key.lower() not in _BROKER_DEATH_HEADERS
+    }
+    out[H_ATTEMPTS] = str(attempts)
+    out[H_RETRY] = str(retry)
+    return out
+
+
+def signed_destination(
+    headers: Mapping[str, Any] | None,
+    body: bytes,
+    content_type: str | None,
+    *,
+    limits: Limits,
+) -> str | None:
+    """The destination the newest ring of a delivered message was signed
+    for, when the message decodes within ``limits``; otherwise ``None``.
+
+    For the ``trusthop-destination`` header of a dead letter (the original
+    destination). Not verified: a rejected message's chain may be forged.
+    Never raises.
+    """
+    try:
+        wire = decode_amqp(headers, body, content_type)
+        if not isinstance(wire.chain, str):
+            return None
+        chain = decode_chain(wire.chain, max_bytes=limits.max_bytes, max_rings=limits.max_rings)
+    except Exception:  # any decode failure: no destination to report
+        return None
+    destination = getattr(chain.newest, "destination", None)
+    return destination if isinstance(destination, str) else None
 
 
 # --------------------------------------------------------------------------- #
@@ -152,17 +318,28 @@ def _source(exchange: str | None, routing_key: str | None) -> tuple[str, TrustEr
         return f"amqp:{exchange}/{routing_key}", TrustError(Reason.WRONG_DESTINATION, str(exc))
 
 
-def _checked_wire(
+def check_delivery(
     *,
     headers: Mapping[str, Any] | None,
     body: bytes,
     content_type: str | None,
     exchange: str | None,
     routing_key: str | None,
-    queue: str | None,
-    bindings: Collection[Binding] | None,
+    queue: str | None = None,
+    bindings: Collection[Binding] | None = None,
 ) -> tuple[WireEvent, str]:
-    # The routing checks and decoding of verify_delivery (see there).
+    """The routing checks and decoding of :func:`verify_delivery`, without
+    the chain's verification: the decoded event and the destination the
+    delivery came from (``amqp:<exchange>/<routing key>``).
+
+    What the worker runs before :meth:`~trusthop.admission.Admission.admit`.
+    Pure (no I/O).
+
+    Raises:
+        TrustError: ``wrong_destination`` for the routing checks,
+            ``malformed`` when the message is no CloudEvent.
+        ValueError: ``bindings`` given without ``queue``.
+    """
     if bindings is not None and queue is None:
         raise ValueError("bindings= needs queue= (the default exchange routes by queue name)")
     copied = routing_headers(headers)
@@ -219,7 +396,7 @@ def verify_delivery(
         ValueError: ``bindings`` given without ``queue`` (a caller's bug).
         RuntimeError: the verifier has a PDP (use :func:`verify_delivery_async`).
     """
-    wire, destination = _checked_wire(
+    wire, destination = check_delivery(
         headers=headers,
         body=body,
         content_type=content_type,
@@ -253,7 +430,7 @@ async def verify_delivery_async(
             the PDP's deny reason.
         ValueError: ``bindings`` given without ``queue`` (a caller's bug).
     """
-    wire, destination = _checked_wire(
+    wire, destination = check_delivery(
         headers=headers,
         body=body,
         content_type=content_type,

@@ -1,17 +1,67 @@
-"""AMQP worker wrapper: consume queues, verify every message, then run its handler.
+"""AMQP worker wrapper: consume queues, admit every message, then run its handler.
 
 Delivery contract of :class:`TrustedWorker`, per message:
 
-1. decode and verify (against ``amqp:<exchange>/<routing key>`` of the
-   delivery) before any handler code runs;
-2. a :class:`~trusthop.errors.TrustError` dead-letters the message at once:
-   it is re-published, with publisher confirm, to the dead-letter exchange,
-   and only then acked (never requeued);
-3. a verified message goes to the handler; the message is acked after the
-   handler returns. A handler that raises is retried in-process up to
-   ``max_attempts`` times, then the message is dead-lettered with reason
-   ``handler_failed``;
-4. if the dead letter cannot be published the worker climbs a short ladder
+1. routing checks and decoding (see below), then admission
+   (:meth:`trusthop.admission.Admission.admit`, one admission per handled
+   queue, scope ``amqp/<queue>``), before any handler code runs. Admission
+   verifies the chain against ``amqp:<exchange>/<routing key>`` of the
+   delivery and applies the replay rules of :mod:`trusthop.replay` with the
+   worker's replay store:
+
+   * a first delivery is verified in full and remembered;
+   * a *redelivery* (RabbitMQ's ``redelivered`` flag, which no publisher can
+     set) of a remembered message is accepted again without the signature
+     checks, judged at its first delivery's time (waiting never expires it),
+     with revocation, bindings, destination and policy checked again;
+   * a *retry* (see 4.) is judged like a redelivery, against the destination
+     remembered at its first delivery;
+   * any other copy of a remembered message is a *replay*: dead-lettered
+     with ``replayed`` (``on_replay="reject"``, the default) or acked
+     without the handler and counted as a duplicate (``on_replay="skip"``);
+     ``max_uses=N`` accepts N distinct copies (a broadcast).
+
+2. a :class:`~trusthop.errors.TrustError` (any verification reason,
+   ``replayed``, ``store_unavailable``, a routing check) dead-letters the
+   message at once: it is re-published, with publisher confirm, to the
+   dead-letter exchange, and only then acked (never requeued). The dead
+   letter says why (``trusthop-reason``), where the message was consumed
+   from (``trusthop-source``), what its newest ring was signed for
+   (``trusthop-destination``, when the chain decodes) and the delivery
+   attempt (``trusthop-attempts``: 1, or ``n`` for the ``n``-th retry copy).
+   An unexpected exception is dead-lettered the same way: ``malformed``
+   while decoding, ``store_unavailable`` while admitting (a replay store
+   that raised something else than :class:`~trusthop.stores.StoreError`);
+
+3. an admitted message goes to the handler as a :class:`Delivery` (which
+   says its :class:`~trusthop.replay.DeliveryKind`, whether the handler may
+   have run for it before, and its attempt); it is acked after the handler
+   returns;
+
+4. a handler that raises on attempt ``n < max_attempts`` is retried
+   (``retry_queue=True``, the default) through ``<queue>.retry``: the
+   attempt is remembered in the replay store
+   (:meth:`~trusthop.admission.Admission.schedule_retry`), a copy (same body
+   and properties, ``trusthop-*`` and broker ``x-death`` headers dropped,
+   ``trusthop-retry: n+1`` and ``trusthop-attempts: n`` added) is published
+   with publisher confirm and ``mandatory`` to ``<queue>.retry`` through the
+   default exchange, and only then the original is acked. The retry queue
+   holds it ``retry_delay`` seconds, then RabbitMQ dead-letters it back
+   into ``<queue>`` through the default exchange, where it is admitted as a
+   retry. The handler never blocks the queue meanwhile: other messages (up
+   to ``prefetch_count`` in flight) keep flowing. Attempt numbers travel in
+   the worker's own headers and store; ``x-death`` is never read (RabbitMQ
+   3.13 changed how it counts). At attempt ``max_attempts`` the message is
+   dead-lettered with ``handler_failed``. If the retry cannot be scheduled
+   or its copy is not confirmed (store down, retry queue gone, nack), the
+   message is dead-lettered at once with ``handler_failed`` and a detail
+   saying why (not requeued: a requeue would run the failing handler again
+   at once, in a loop, while the retry path is down). With
+   ``retry_queue=False`` the worker retries in-process instead, up to
+   ``max_attempts`` calls ``retry_backoff`` seconds apart (doubling),
+   holding the message (and one prefetch slot) meanwhile;
+
+5. if the dead letter cannot be published the worker climbs a short ladder
    instead of looping: a dead letter refused while the channel still works
    (returned, nacked, unencodable) is retried at once as a *stub* (the
    rejection's headers and the body, no original header); if that fails too,
@@ -26,11 +76,27 @@ Delivery contract of :class:`TrustedWorker`, per message:
    (:meth:`TrustedWorker.queue_arguments`), so even then nothing is lost;
    a queue declared elsewhere needs its own ``x-dead-letter-exchange``.
 
-Routing checks (see :func:`~trusthop.amqp.messages.verify_delivery`): a
+A consumer that dies (connection lost, process killed) before acking leaves
+its unacked messages to RabbitMQ, which redelivers them flagged
+``redelivered``: a message admitted before is then a redelivery, one never
+admitted a first delivery. Replicas of one queue must share a replay store
+(:class:`~trusthop.stores.redis.RedisReplayStore`); the default
+:class:`~trusthop.stores.memory.MemoryReplayStore` is this worker's alone and
+forgets everything when the process ends (a redelivery is then judged as a
+first delivery, a pending retry copy as a delivery through the default
+exchange: ``wrong_destination`` unless signed for it).
+
+Routing checks (see :func:`~trusthop.amqp.messages.check_delivery`): a
 delivery carrying a ``CC`` or ``BCC`` header is dead-lettered with
 ``wrong_destination``; when the handler was registered with ``bind=`` or
 ``accept_bindings=``, so is a delivery whose exchange and routing key match
-none of those bindings (nor the default exchange with the queue's name).
+none of those bindings (nor the default exchange with the queue's name, the
+way retry copies come back).
+
+Counters: :attr:`TrustedWorker.stats` (what happened to messages) and
+:attr:`TrustedWorker.counters` (the :mod:`trusthop.metrics` names summed over
+the worker's queues; per queue in ``worker.admissions[queue].counters``; also
+reported to ``metrics=``).
 
 Dead letters carry the original headers unless they would not fit in one
 content-header frame (``frame_max`` of the connection minus
@@ -44,7 +110,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
+import inspect
 import logging
 import struct
 import time
@@ -52,25 +120,37 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 from pamqp.common import FieldTable
 
+from trusthop.admission import Admission, Admitted
 from trusthop.amqp.messages import (
     DEFAULT_DEAD_LETTER_EXCHANGE,
     Binding,
     _source,
+    check_delivery,
     dead_letter_headers,
     dead_letter_queue_name,
+    encoded_headers_size,
     header_budget,
     minimal_dead_letter_headers,
-    verify_delivery_async,
+    retry_attempt,
+    retry_delay_ms,
+    retry_headers,
+    retry_queue_arguments,
+    retry_queue_name,
+    signed_destination,
 )
 from trusthop.amqp.publisher import PublishRefused, _publish_confirmed, _require_confirms
 from trusthop.errors import Reason, TrustError
+from trusthop.metrics import Counters, Fanout, Metrics
 from trusthop.pipeline import ChainVerifier, DeliveryViews, Rejection, TrustedEvent
+from trusthop.replay import DEFAULT_REMEMBER, DeliveryInfo, DeliveryKind, OnReplay
+from trusthop.stores.base import ReplayStore
+from trusthop.stores.memory import MemoryReplayStore
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +164,27 @@ class Delivery(DeliveryViews):
         message: the aio-pika message. The worker acks it after the handler
             returns; a handler must not ack, nack or reject it itself.
         queue: the queue it was consumed from.
-        attempt: 1 for the first call, 2.. for in-process retries.
+        attempt: the handler attempt: 1 for a first delivery (and a
+            redelivery of it), ``n`` for the ``n``-th call, whether it came
+            back through ``<queue>.retry`` or was retried in-process
+            (``retry_queue=False``).
+        kind: what the delivery was to the queue's replay rules
+            (:class:`~trusthop.replay.DeliveryKind`: ``first``,
+            ``redelivery`` or ``retry``; a skipped replay never reaches a
+            handler).
+        redelivered: the handler may have run for this message before: a
+            redelivery or a retry, or RabbitMQ flagged it ``redelivered``
+            (a message whose first delivery this worker's store never
+            recorded, e.g. after a restart with an in-memory store).
+            Idempotent handlers can ignore it; others check it.
     """
 
     trusted: TrustedEvent
     message: AbstractIncomingMessage
     queue: str
     attempt: int = 1
+    kind: DeliveryKind = DeliveryKind.FIRST
+    redelivered: bool = False
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
@@ -104,6 +198,9 @@ class WorkerStats:
         delivered: messages whose handler returned (then acked).
         dead_lettered: messages dead-lettered, by reason.
         handler_errors: handler calls that raised (each attempt counts).
+        retried: retry copies published to ``<queue>.retry`` (and confirmed),
+            after which the original was acked.
+        skipped: replays acked without the handler (``on_replay="skip"``).
         requeued: messages handed back to the broker because the dead letter
             was not confirmed, the ack failed, or the worker was stopping. (A
             handler cancelled by a channel close is not counted: the broker
@@ -117,12 +214,22 @@ class WorkerStats:
     delivered: int = 0
     dead_lettered: Counter[Reason] = field(default_factory=Counter)
     handler_errors: int = 0
+    retried: int = 0
+    skipped: int = 0
     requeued: int = 0
     abandoned: int = 0
 
     @property
     def total_dead_lettered(self) -> int:
         return sum(self.dead_lettered.values())
+
+
+class _Default(enum.Enum):
+    STORE = "a fresh MemoryReplayStore"
+
+
+FRESH_STORE: Final = _Default.STORE
+"""Default of ``replay_store=``: a new :class:`MemoryReplayStore` per worker."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,28 +286,68 @@ def _text(value: object) -> str | None:
 
 
 class TrustedWorker:
-    """Consumes queues, verifies every message, then runs the queue's handler.
+    """Consumes queues, admits every message, then runs the queue's handler.
 
     Args:
         channel: an aio-pika channel opened with ``publisher_confirms=True``
-            (dead letters are published with confirms on it).
+            (dead letters and retry copies are published with confirms on it).
         verifier: the :class:`~trusthop.pipeline.ChainVerifier`; replacing its
-            bundle takes effect for the next message.
+            bundle or policy takes effect for the next message (redeliveries
+            and retries included: a revoked actor is caught on retry).
         dead_letter_exchange: durable direct exchange the worker declares;
             each handled queue ``q`` gets a durable ``q.dlq`` bound with
             routing key ``q``.
         max_attempts: handler calls per message before ``handler_failed``.
-        prefetch_count: unacked messages in flight (``basic.qos``).
-        retry_backoff: seconds before the first retry, doubled per retry.
+        prefetch_count: unacked messages in flight (``basic.qos``, applied to
+            the channel at :meth:`start`; a robust channel re-applies it
+            after a reconnect).
+        retry_queue: retry a failed handler through ``<queue>.retry`` (the
+            default), or in-process (``False``; see the module docstring).
+        retry_delay: seconds a retry copy waits in ``<queue>.retry``
+            (its ``x-message-ttl``); every retry of the queue waits the same.
+        retry_backoff: ``retry_queue=False`` only: seconds before the first
+            in-process retry, doubled per retry. (Also the pause before
+            requeueing a message whose dead letter failed.)
         abandon_after: a message whose dead letter keeps failing is abandoned
             only after failing for this many seconds (and at least twice);
             until then it is requeued after a growing pause.
+        replay_store: where each queue's admission remembers accepted rings.
+            Default: a fresh :class:`~trusthop.stores.memory.MemoryReplayStore`
+            for this worker. Replicas of one queue must share one
+            (:class:`~trusthop.stores.redis.RedisReplayStore`). ``None``
+            turns replay detection off (every delivery is a first delivery;
+            needs ``retry_queue=False``). A store with an async ``check()``
+            is checked at :meth:`start`.
+        max_uses: distinct copies of one signed event each queue accepts
+            (1: single use; N: a broadcast).
+        on_replay: ``"reject"`` (dead-letter ``replayed``) or ``"skip"``
+            (ack without the handler, counted as a duplicate).
+        remember: seconds a queue remembers an accepted ring at least,
+            beyond the chain's own validity (a redelivery after that is
+            judged as a first delivery).
+        metrics: an extra sink for the counters (e.g.
+            :class:`~trusthop.metrics.PrometheusMetrics`).
+
+    Attributes:
+        stats: :class:`WorkerStats`.
+        counters: :class:`~trusthop.metrics.Counters` summed over every
+            queue of this worker (``verified``, ``rejected`` by reason,
+            ``redelivered``, ``retried``, ``replayed``, ``duplicates``,
+            ``cache_hits``, ``cache_misses``).
+        admissions: the :class:`~trusthop.admission.Admission` of each
+            handled queue (created by :meth:`handler`); its ``counters``
+            are that queue's alone.
 
     The handler contract and failure modes are in the module docstring.
 
     Raises:
-        ValueError: the channel does not use publisher confirms, or
-            ``max_attempts``/``prefetch_count`` are below 1.
+        ValueError: the channel does not use publisher confirms;
+            ``max_attempts``/``prefetch_count``/``max_uses`` below 1;
+            ``retry_delay`` not a positive number of seconds; an unknown
+            ``on_replay``; a negative ``remember``; ``retry_queue=True``
+            without a replay store (a retry copy comes back through the
+            default exchange and can only be verified against the
+            destination the store remembered).
     """
 
     def __init__(
@@ -211,20 +358,50 @@ class TrustedWorker:
         dead_letter_exchange: str = DEFAULT_DEAD_LETTER_EXCHANGE,
         max_attempts: int = 3,
         prefetch_count: int = 16,
+        retry_queue: bool = True,
+        retry_delay: float = 1.0,
         retry_backoff: float = 0.05,
         abandon_after: float = 30.0,
+        replay_store: ReplayStore | _Default | None = FRESH_STORE,
+        max_uses: int = 1,
+        on_replay: OnReplay | str = OnReplay.REJECT,
+        remember: float = DEFAULT_REMEMBER,
+        metrics: Metrics | None = None,
     ) -> None:
         _require_confirms(channel, "TrustedWorker")
         if max_attempts < 1 or prefetch_count < 1:
             raise ValueError("max_attempts and prefetch_count must be at least 1")
+        if max_uses < 1:
+            raise ValueError("max_uses must be at least 1")
+        if remember < 0:
+            raise ValueError("remember must not be negative")
+        retry_delay_ms(retry_delay)  # validates
+        store = MemoryReplayStore() if replay_store is FRESH_STORE else replay_store
+        assert not isinstance(store, _Default)
+        if retry_queue and store is None:
+            raise ValueError(
+                "retry_queue=True needs a replay store: a retry copy comes back through the "
+                "default exchange and is verified against the destination remembered at its "
+                "first delivery; pass retry_queue=False with replay_store=None"
+            )
         self.channel = channel
         self.verifier = verifier
         self.dead_letter_exchange = dead_letter_exchange
         self.max_attempts = max_attempts
         self.prefetch_count = prefetch_count
+        self.retry_queue = retry_queue
+        self.retry_delay = retry_delay
         self.retry_backoff = retry_backoff
         self.abandon_after = abandon_after
+        self.replay_store: ReplayStore | None = store
+        self.max_uses = max_uses
+        self.on_replay = OnReplay(on_replay)
+        self.remember = remember
+        self.metrics = metrics
         self.stats = WorkerStats()
+        self.counters = Counters()
+        self.admissions: dict[str, Admission] = {}
+        self._sink: Metrics = self.counters if metrics is None else Fanout(self.counters, metrics)
         self._routes: dict[str, _Route] = {}
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._dlx: AbstractExchange | None = None
@@ -249,6 +426,8 @@ class TrustedWorker:
         binds it to each ``(exchange, routing_key)`` (the exchanges must
         exist). ``accept_bindings`` states bindings the queue has without the
         worker making them (a queue bound elsewhere, ``declare=False``).
+        Either way the worker declares ``<queue>.dlq`` and, with
+        ``retry_queue=True``, ``<queue>.retry``.
 
         When ``bind`` or ``accept_bindings`` is given, a delivery whose
         exchange and routing key match none of them is dead-lettered with
@@ -263,7 +442,8 @@ class TrustedWorker:
         alternate exchanges must be stated with the exchange the message was
         *published* to and the key ``#`` where the routing key is not used.
 
-        Returns the handler unchanged.
+        Creates the queue's admission (``worker.admissions[queue]``, scope
+        ``amqp/<queue>``). Returns the handler unchanged.
 
         Raises:
             ValueError: the queue already has a handler, its name is empty, or
@@ -289,17 +469,30 @@ class TrustedWorker:
 
         def register(func: Handler) -> Handler:
             self._routes[queue] = _Route(queue, func, declare, bound, bindings)
+            self.admissions[queue] = Admission(
+                self.verifier,
+                scope=f"amqp/{queue}",
+                store=self.replay_store,
+                max_uses=self.max_uses,
+                on_replay=self.on_replay,
+                remember=self.remember,
+                metrics=self._sink,
+            )
             return func
 
         return register
 
     async def start(self) -> None:
-        """Declare the topology and start consuming every registered queue.
+        """Check the replay store, declare the topology and start consuming
+        every registered queue.
 
         Raises:
             RuntimeError: already running, or no handler registered.
+            trusthop.stores.StoreError: the replay store's ``check()`` failed
+                (e.g. a Redis that may evict entries early); nothing declared.
             aio_pika.exceptions.AMQPError: declaring or binding failed (for
-                example a bound exchange does not exist).
+                example a bound exchange does not exist, or ``<queue>.retry``
+                exists with another ``retry_delay``: ``PRECONDITION_FAILED``).
         """
         if self._running:
             raise RuntimeError("worker already started")
@@ -307,6 +500,7 @@ class TrustedWorker:
             raise RuntimeError("no handler registered")
         self._running = True
         try:
+            await self._check_store()
             await self.channel.set_qos(prefetch_count=self.prefetch_count)
             self._dlx = await self.channel.declare_exchange(
                 self.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
@@ -316,6 +510,12 @@ class TrustedWorker:
                     dead_letter_queue_name(route.queue), durable=True
                 )
                 await dlq.bind(self._dlx, routing_key=route.queue)
+                if self.retry_queue:
+                    await self.channel.declare_queue(
+                        retry_queue_name(route.queue),
+                        durable=True,
+                        arguments=retry_queue_arguments(route.queue, self.retry_delay),
+                    )
                 if route.declare:
                     queue = await self.channel.declare_queue(
                         route.queue, durable=True, arguments=self.queue_arguments(route.queue)
@@ -330,6 +530,14 @@ class TrustedWorker:
             await self.stop()
             raise
 
+    async def _check_store(self) -> None:
+        """Await the replay store's ``check()``, when it has one."""
+        check = getattr(self.replay_store, "check", None)
+        if callable(check):
+            result = check()
+            if inspect.isawaitable(result):
+                await result
+
     def queue_arguments(self, queue: str) -> FieldTable:
         """Arguments the worker declares ``queue`` with (``declare=True``).
 
@@ -343,10 +551,17 @@ class TrustedWorker:
             "x-dead-letter-routing-key": queue,
         }
 
+    def retry_queue_arguments(self, queue: str) -> FieldTable:
+        """Arguments the worker declares ``<queue>.retry`` with
+        (:func:`~trusthop.amqp.messages.retry_queue_arguments` with this
+        worker's ``retry_delay``)."""
+        return retry_queue_arguments(queue, self.retry_delay)
+
     async def stop(self) -> None:
         """Cancel the consumers and wait for messages being processed.
 
-        Messages delivered after this point are requeued. Idempotent.
+        Messages delivered after this point are requeued. Idempotent. The
+        replay store is not closed (it may be shared; its owner closes it).
         """
         self._running = False
         consumers, self._consumers = self._consumers, []
@@ -388,17 +603,26 @@ class TrustedWorker:
 
     async def _process(self, route: _Route, message: AbstractIncomingMessage) -> None:
         # Everything below acks explicitly once the message is settled (handled,
-        # or its dead letter confirmed). If anything escapes (dead letter not
-        # confirmed, channel lost) ``process()`` requeues it: never lost, never
-        # acked early.
+        # retried, skipped, or its dead letter confirmed). If anything escapes
+        # (dead letter not confirmed, channel lost) ``process()`` requeues it:
+        # never lost, never acked early.
         async with message.process(requeue=True, ignore_processed=True):
             if not self._running:
                 self.stats.requeued += 1
                 await message.nack(requeue=True)
                 return
+            admission = self.admissions[route.queue]
+            source, _ = _source(message.exchange, message.routing_key)
+            retry = retry_attempt(
+                message.headers,
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+                queue=route.queue,
+            )
+            attempt = retry or 1
+            admitting = False
             try:
-                trusted = await verify_delivery_async(
-                    self.verifier,
+                wire, destination = check_delivery(
                     headers=message.headers,
                     body=message.body,
                     content_type=message.content_type,
@@ -407,41 +631,170 @@ class TrustedWorker:
                     queue=route.queue,
                     bindings=route.bindings,
                 )
+                admitting = True  # admit() counts its own rejections
+                admitted = await admission.admit(
+                    wire,
+                    destination,
+                    DeliveryInfo(redelivered=bool(message.redelivered), retry=retry),
+                )
             except TrustError as error:
-                source, _ = _source(message.exchange, message.routing_key)
+                if not admitting:
+                    admission.count("rejected", reason=error.reason.value)
                 await self._dead_letter(
-                    message, Rejection.of(error, source=source, consumer=route.queue)
+                    message,
+                    Rejection.of(
+                        error,
+                        source=source,
+                        consumer=route.queue,
+                        attempts=attempt,
+                        destination=self._signed_destination(message),
+                    ),
                 )
                 return
-            except Exception as exc:  # a decoder bug must not kill the consumer
-                log.exception("trusthop: unexpected error decoding a message on %r", route.queue)
-                source, _ = _source(message.exchange, message.routing_key)
-                detail = f"undecodable message ({type(exc).__name__})"
+            except Exception as exc:  # a decoder or store bug must not kill the consumer
+                # Fail closed, at once: before admission a decoder bug
+                # (``malformed``); during it most likely a replay store that
+                # raised something else than StoreError (``store_unavailable``).
+                stage = "admitting" if admitting else "decoding"
+                log.exception("trusthop: unexpected error %s a message on %r", stage, route.queue)
+                reason = Reason.STORE_UNAVAILABLE if admitting else Reason.MALFORMED
+                admission.count("rejected", reason=reason.value)
+                detail = (
+                    f"admission failed unexpectedly ({type(exc).__name__})"
+                    if admitting
+                    else f"undecodable message ({type(exc).__name__})"
+                )
                 await self._dead_letter(
-                    message, Rejection(Reason.MALFORMED, detail, source, route.queue)
+                    message, Rejection(reason, detail, source, route.queue, attempts=attempt)
                 )
                 return
-            await self._handle(route, message, trusted)
+            if admitted is None:  # a replay, skipped (on_replay="skip")
+                log.info(
+                    "trusthop: duplicate of an accepted message on %r from %s acked unhandled",
+                    route.queue,
+                    source,
+                )
+                await message.ack()
+                self.stats.skipped += 1
+                return
+            delivery = Delivery(
+                admitted.trusted,
+                message,
+                route.queue,
+                attempt,
+                admitted.kind,
+                admitted.redelivered or bool(message.redelivered),
+            )
+            if self.retry_queue:
+                await self._handle_once(route, delivery, admitted, source)
+            else:
+                await self._handle_in_process(route, delivery, source)
 
-    async def _handle(
-        self, route: _Route, message: AbstractIncomingMessage, trusted: TrustedEvent
+    def _signed_destination(self, message: AbstractIncomingMessage) -> str | None:
+        return signed_destination(
+            message.headers, message.body, message.content_type, limits=self.verifier.limits
+        )
+
+    async def _handle_once(
+        self, route: _Route, delivery: Delivery, admitted: Admitted, source: str
     ) -> None:
+        """One handler call; on failure a retry copy or ``handler_failed``."""
+        message = delivery.message
+        try:
+            await route.handler(delivery)
+        except Exception as exc:
+            self._handler_failed(route.queue, delivery.attempt, exc)
+            if message.processed:  # the handler settled the message itself
+                return
+            if delivery.attempt < self.max_attempts:
+                problem = await self._retry(route.queue, delivery, admitted)
+                if problem is None:
+                    return
+                detail = (
+                    f"handler raised {type(exc).__name__}: {exc}; "
+                    f"retry {delivery.attempt + 1} not scheduled: {problem}"
+                )
+            else:
+                detail = f"handler raised {type(exc).__name__}: {exc}"
+            await self._give_up(route.queue, delivery, source, detail)
+            return
+        if not message.processed:
+            await message.ack()
+        self.stats.delivered += 1
+
+    async def _retry(self, queue: str, delivery: Delivery, admitted: Admitted) -> str | None:
+        """Schedule the next attempt and publish its copy to ``<queue>.retry``,
+        then ack the original. Returns ``None`` when done, else why not (the
+        caller dead-letters the message; nothing was acked).
+
+        A copy whose headers would not fit in a content-header frame is not
+        published (RabbitMQ would close the connection). Publishing waits
+        for the broker's confirm; a return (no ``<queue>.retry``), a nack
+        or a lost channel is a failure. If the channel was lost, the dead
+        letter fails too and RabbitMQ redelivers the original.
+        """
+        message = delivery.message
+        attempt = delivery.attempt
+        headers = retry_headers(message.headers, attempts=attempt, retry=attempt + 1)
+        size = encoded_headers_size(headers)
+        budget = header_budget(await self._frame_max())
+        if size is None or size > budget:
+            return f"its headers would not fit in a frame ({size or 'unencodable'} bytes)"
+        copy = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=message.delivery_mode,
+            priority=message.priority,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+        )
+        target = retry_queue_name(queue)
+        try:
+            await self.admissions[queue].schedule_retry(admitted, attempt + 1)
+            await _publish_confirmed(
+                self.channel.default_exchange, copy, routing_key=target, mandatory=True
+            )
+        except Exception as exc:  # store down, returned, nacked, channel lost
+            log.warning("trusthop: retry copy for %r not published: %r", queue, exc)
+            return f"{type(exc).__name__}: {exc}"
+        await message.ack()
+        self.stats.retried += 1
+        log.info(
+            "trusthop: handler attempt %d on %r failed; attempt %d in %.3gs through %r",
+            attempt,
+            queue,
+            attempt + 1,
+            self.retry_delay,
+            target,
+        )
+        return None
+
+    async def _handle_in_process(self, route: _Route, first: Delivery, source: str) -> None:
+        """``retry_queue=False``: up to ``max_attempts`` calls, backing off."""
+        message = first.message
         last: Exception | None = None
         for attempt in range(1, self.max_attempts + 1):
             if attempt > 1:
                 await asyncio.sleep(self.retry_backoff * 2 ** (attempt - 2))
+            delivery = Delivery(
+                first.trusted,
+                message,
+                route.queue,
+                attempt,
+                first.kind,
+                first.redelivered or attempt > 1,
+            )
             try:
-                await route.handler(Delivery(trusted, message, route.queue, attempt))
+                await route.handler(delivery)
             except Exception as exc:
                 last = exc
-                self.stats.handler_errors += 1
-                log.warning(
-                    "trusthop: handler for %r failed (attempt %d/%d): %r",
-                    route.queue,
-                    attempt,
-                    self.max_attempts,
-                    exc,
-                )
+                self._handler_failed(route.queue, attempt, exc)
                 if message.processed:  # the handler settled the message itself
                     return
                 continue
@@ -449,14 +802,33 @@ class TrustedWorker:
                 await message.ack()
             self.stats.delivered += 1
             return
+        last_delivery = Delivery(first.trusted, message, route.queue, self.max_attempts)
+        await self._give_up(
+            route.queue, last_delivery, source, f"handler raised {type(last).__name__}: {last}"
+        )
+
+    def _handler_failed(self, queue: str, attempt: int, exc: Exception) -> None:
+        self.stats.handler_errors += 1
+        log.warning(
+            "trusthop: handler for %r failed (attempt %d/%d): %r",
+            queue,
+            attempt,
+            self.max_attempts,
+            exc,
+        )
+
+    async def _give_up(self, queue: str, delivery: Delivery, source: str, detail: str) -> None:
+        """Dead-letter a verified message whose handler failed: ``handler_failed``."""
+        self.admissions[queue].count("rejected", reason=Reason.HANDLER_FAILED.value)
         rejection = Rejection(
             Reason.HANDLER_FAILED,
-            f"handler raised {type(last).__name__}: {last}",
-            trusted.context.destination,
-            route.queue,
-            attempts=self.max_attempts,
+            detail,
+            source,
+            queue,
+            attempts=delivery.attempt,
+            destination=delivery.trusted.context.destination,
         )
-        await self._dead_letter(message, rejection)
+        await self._dead_letter(delivery.message, rejection)
 
     async def _dead_letter(self, message: AbstractIncomingMessage, rejection: Rejection) -> None:
         """Publish the dead letter with confirm, then ack the original.
