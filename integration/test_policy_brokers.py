@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from cloudevents.core.v1.event import CloudEvent
 
 from trusthop.amqp import Delivery, TrustedPublisher, TrustedWorker, dead_letter_queue_name
+from trusthop.amqp.messages import retry_queue_name
 from trusthop.bundle import TrustBundle
 from trusthop.kafka import KafkaDelivery, TrustedKafkaConsumer, TrustedKafkaProducer
 from trusthop.keys import SigningKey
@@ -219,7 +220,11 @@ async def test_amqp_quarantine_dead_letters_messages_already_in_the_queue(
     finally:
         with contextlib.suppress(Exception):
             cleanup = await connection.channel()
-            for name in (queue_name, dead_letter_queue_name(queue_name)):
+            for name in (
+                queue_name,
+                dead_letter_queue_name(queue_name),
+                retry_queue_name(queue_name),
+            ):
                 await cleanup.queue_delete(name)
             for name in (exchange_name, dlx):
                 await cleanup.exchange_delete(name)
