@@ -8,7 +8,7 @@ consumer verifies the whole chain before its handler runs. See ``docs/``.
 from trusthop.admission import Admission, Admitted
 from trusthop.amqp import Delivery as AmqpDelivery
 from trusthop.amqp import PublishRefused, TrustedPublisher, TrustedWorker
-from trusthop.bundle import BundleError, BundleKey, TrustBundle
+from trusthop.bundle import BundleError, BundleKey, BundleSource, TrustBundle
 from trusthop.chain import Chain, HopRing, OriginRing, decode_chain
 from trusthop.destination import (
     amqp_destination,
@@ -40,6 +40,7 @@ __all__ = [
     "AmqpDelivery",
     "BundleError",
     "BundleKey",
+    "BundleSource",
     "Chain",
     "ChainSigner",
     "ChainVerifier",
