@@ -655,6 +655,10 @@ async def fake_consumer(
     **kwargs: Any,
 ) -> tuple[TrustedKafkaConsumer, FakeConsumer, FakeProducer]:
     dlq = FakeProducer(dlq_max_request_size)
+    # GOOD holds copies of one sealed event: these bookkeeping tests run
+    # without replay detection and with in-process retries unless told.
+    kwargs.setdefault("replay_store", None)
+    kwargs.setdefault("retry_topics", False)
     consumer = TrustedKafkaConsumer(
         TOPIC,
         verifier=VERIFIER,
@@ -827,14 +831,14 @@ def bug_on_poison(monkeypatch: pytest.MonkeyPatch, target: str, error: Exception
     """
     module, _, name = target.rpartition(".")
     if module == "verifier":
-        real = VERIFIER.verify_async  # what the consumer awaits
+        real = VERIFIER.prepare  # what admission runs first on every delivery
 
-        async def verify(wire: Any, destination: str) -> Any:
+        def prepare(wire: Any) -> Any:
             if wire.attributes.get("id") == "poison":
                 raise error
-            return await real(wire, destination)
+            return real(wire)
 
-        monkeypatch.setattr(VERIFIER, "verify_async", verify)
+        monkeypatch.setattr(VERIFIER, "prepare", prepare)
         return
     import importlib
 
@@ -857,8 +861,8 @@ BUGS = [
         "trusthop.kafka.records.decode_kafka",
         UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
     ),
-    ("verifier.verify", RecursionError("maximum recursion depth exceeded")),
-    ("verifier.verify", KeyError("trustchain")),
+    ("verifier.prepare", RecursionError("maximum recursion depth exceeded")),
+    ("verifier.prepare", KeyError("trustchain")),
 ]
 
 
@@ -911,7 +915,7 @@ async def test_a_verification_bug_does_not_end_async_for(monkeypatch: pytest.Mon
 async def test_a_trust_error_is_still_its_own_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     # The net catches only what is not a TrustError.
     consumer, _, dlq = await fake_consumer([POISON])
-    bug_on_poison(monkeypatch, "verifier.verify", TrustError(Reason.EXPIRED, "too late"))
+    bug_on_poison(monkeypatch, "verifier.prepare", TrustError(Reason.EXPIRED, "too late"))
     assert await consumer.run(lambda d: asyncio.sleep(0), limit=1) == 1
     [(_, _, _, headers)] = dlq.sent
     assert dict(headers)[H_REASON] == b"expired"

@@ -1,15 +1,60 @@
-"""Kafka consumer wrapper: verify every record, dead-letter rejects, commit after handling.
+"""Kafka consumer wrapper: admit every record, retry through retry topics, commit after.
 
 :class:`TrustedKafkaConsumer`: auto-commit is always off. Every record is
-decoded and verified against ``kafka:<record.topic>`` before user code sees
-it. A record that fails (any :class:`~trusthop.errors.TrustError`) is written
-to the dead-letter topic with its original key, value and headers (minus any
+decoded and handed to :meth:`trusthop.admission.Admission.admit` (scope
+``kafka/<group_id>``) for the destination it must have been signed for
+(:func:`~trusthop.destination.signed_kafka_destination`: ``kafka:<t>`` for a
+record of a subscribed topic ``t`` and of ``t.retry``), with its delivery
+identity ``<topic>/<partition>@<offset>``. Admission verifies the chain and
+applies the replay rules of :mod:`trusthop.replay` against the consumer's
+replay store:
+
+* a first delivery is verified in full, at the current time;
+* a redelivery of the same record (same topic, partition and offset: after
+  a crash, a rebalance, a rewind) is accepted again without the signature
+  checks, judged at the first delivery's time, with revocation, bindings,
+  destination and policy checked again; the handler sees
+  ``delivery.redelivered``;
+* another copy of an accepted ring (re-published by anyone) is rejected
+  ``replayed`` (or, with ``on_replay="skip"``, committed without the
+  handler), beyond ``max_uses`` accepted copies per group.
+
+A record that fails (any :class:`~trusthop.errors.TrustError`) is written to
+the dead-letter topic with its original key, value and headers (minus any
 ``trusthop-*`` ones: a sender cannot forge a verdict) plus the ``trusthop-*``
-headers of :class:`~trusthop.pipeline.Rejection`, awaited, and only then
-committed. A verified record becomes a :class:`KafkaDelivery`, consumed
-either with ``async for`` or by :meth:`TrustedKafkaConsumer.run`.
+headers of :class:`~trusthop.pipeline.Rejection` (reason, detail, source,
+consumer, delivery attempts and, when the chain decodes, the destination its
+newest ring was signed for), awaited, and only then committed. A verified
+record becomes a :class:`KafkaDelivery`, consumed either with ``async for``
+or by :meth:`TrustedKafkaConsumer.run`.
+
+Handler retries (:meth:`TrustedKafkaConsumer.run`, ``retry_topics=True``,
+the default): a failed handler attempt ``n < max_attempts`` is remembered in
+the replay store (:meth:`~trusthop.admission.Admission.schedule_retry`),
+then a copy of the record (same key, value and headers, chain unchanged,
+plus ``trusthop-retry: n+1``, ``trusthop-not-before``, ``trusthop-original``
+and ``trusthop-attempts``) is written to ``<t>.retry`` and acknowledged,
+and only then is the record committed. The consumer subscribes to the retry
+topic of each of its topics. A retry copy is admitted as a retry (judged at
+the first delivery's time, so waiting never expires it; revocation and
+policy are checked again); a copy whose retry number the store does not
+expect is ``replayed``. A copy that is not due yet pauses its own partition
+(seek back, ``pause``, ``resume`` when due): the main topic and the other
+partitions keep flowing. After ``max_attempts`` handler attempts the record
+is dead-lettered ``handler_failed`` to ``<t>.dlq``. The consumer counts
+attempts itself (the ``trusthop-retry`` number checked against the store),
+never trusting broker counters.
+
+Rebalances: the revoke listener drops what was fetched but not handled,
+the partitions paused for a retry not yet due, and their timers; it lets a
+record being handled on a revoked partition finish and commit (up to
+:data:`REVOKE_GRACE` seconds) before the partitions move. Every record is
+committed as soon as it is settled, so nothing finished is left
+uncommitted; a record that fails mid-way (a dead-letter or retry write that
+fails) is rewound: its partition seeks back to it.
+
 At-least-once throughout: when in doubt an offset stays uncommitted and the
-record is delivered again, never dropped.
+record is delivered again (as a redelivery), never dropped.
 
 No record stops or stalls the consumer:
 
@@ -20,7 +65,8 @@ No record stops or stalls the consumer:
   always larger than its original) is replaced by a stub: no key, no value,
   none of the original headers, the verdict plus ``trusthop-original``
   (``<topic>/<partition>/<offset>``) and ``trusthop-original-bytes``; then
-  the record is committed;
+  the record is committed (a retry copy refused as too large dead-letters
+  the record ``handler_failed`` at once);
 * a record aiokafka cannot parse (a header name that is not UTF-8 makes
   aiokafka's ``getmany`` raise ``UnicodeDecodeError`` before trusthop sees
   the record, on every attempt) is found by fetching one partition, then one
@@ -29,20 +75,25 @@ No record stops or stalls the consumer:
   (``malformed``, ``trusthop-original``, no ``trusthop-original-bytes``:
   its size is unknown) and committed, and consuming goes on after it.
 
-Only a dead-letter write that fails otherwise (broker down, timeout, missing
-authorisation) propagates, leaving the record uncommitted: it comes again.
+Only a dead-letter or retry write that fails otherwise (broker down,
+timeout, missing authorisation) propagates, leaving the record uncommitted:
+it comes again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import inspect
 import logging
+import math
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -56,17 +107,30 @@ from aiokafka.errors import (
 )
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from trusthop.destination import kafka_destination
+from trusthop.admission import Admission, Admitted
+from trusthop.destination import kafka_destination, retry_topic, signed_kafka_destination
 from trusthop.errors import Reason, TrustError
+from trusthop.event import WireEvent
 from trusthop.kafka.records import (
+    MAX_RETRY_ATTEMPT,
+    coordinates,
     dead_letter_headers,
+    decode_record,
     default_dead_letter_max_request_size,
     default_dead_letter_topic,
+    parse_not_before,
+    parse_original,
+    parse_retry_attempt,
     record_size,
+    retry_headers,
+    signed_destination,
     stub_dead_letter_headers,
-    verify_record_async,
 )
+from trusthop.metrics import Counters, Metrics
 from trusthop.pipeline import ChainVerifier, DeliveryViews, Rejection, TrustedEvent
+from trusthop.replay import DEFAULT_REMEMBER, DeliveryInfo, DeliveryKind, OnReplay
+from trusthop.stores.base import ReplayStore
+from trusthop.stores.memory import MemoryReplayStore
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +154,27 @@ _CONNECTION_KWARGS = (
 )
 
 _MAX_RETRY_DELAY = 5.0
+
+DEFAULT_RETRY_DELAY = 1.0
+"""Seconds a retry copy waits on the retry topic by default."""
+
+DEFAULT_IN_PROCESS_RETRY_DELAY = 0.05
+"""Seconds before the second in-process attempt by default (``retry_topics=False``)."""
+
+REVOKE_GRACE = 10.0
+"""Seconds the revoke listener waits for a record being handled on a revoked
+partition to be settled and committed before it lets the rebalance go on
+(past it, the commit fails and the new owner redelivers the record)."""
+
+
+class _Fresh(enum.Enum):
+    """Sentinel: "a fresh :class:`MemoryReplayStore` per consumer" (``None`` disables)."""
+
+    STORE = "a fresh MemoryReplayStore"
+
+
+FRESH_STORE: Literal[_Fresh.STORE] = _Fresh.STORE
+"""Default of ``replay_store``: each consumer gets its own in-process store."""
 
 # Produce errors meaning "this record is too large": aiokafka's client-side
 # check (MessageSizeTooLargeError) and the broker's MESSAGE_TOO_LARGE (10) and
@@ -137,14 +222,19 @@ class KafkaDelivery(DeliveryViews):
     """A verified record handed to user code.
 
     ``record`` is aiokafka's ``ConsumerRecord`` (raw key, value, headers,
-    topic, partition, offset). ``attempt`` counts handler attempts in
-    :meth:`TrustedKafkaConsumer.run` (1 for the first, always 1 in
-    ``async for``). Derive events with ``parent=delivery.context``.
+    topic, partition, offset): for a retry, the copy on the retry topic.
+    ``attempt`` is the handler attempt this delivery is (1 for a record of a
+    subscribed topic; the ``trusthop-retry`` number for a retry copy; with
+    ``retry_topics=False``, it counts the in-process attempts of
+    :meth:`TrustedKafkaConsumer.run`). ``kind`` is what admission found:
+    ``first``, ``redelivery`` (the same record again: the handler may have
+    run on it before) or ``retry``. Derive events with ``parent=delivery.context``.
     """
 
     trusted: TrustedEvent
     record: Any
     attempt: int = 1
+    kind: DeliveryKind = DeliveryKind.FIRST
 
     @property
     def topic(self) -> str:
@@ -158,6 +248,19 @@ class KafkaDelivery(DeliveryViews):
     def offset(self) -> int:
         return int(self.record.offset)
 
+    @property
+    def redelivered(self) -> bool:
+        """True for a redelivery or a retry: the handler may have seen this event before."""
+        return self.kind in (DeliveryKind.REDELIVERY, DeliveryKind.RETRY)
+
+    @property
+    def topic_base(self) -> str:
+        """The topic the event was published to: :attr:`topic`, or ``t`` for a
+        record of ``t.retry`` (the topic of the verified destination)."""
+        destination = self.trusted.context.destination
+        prefix = "kafka:"
+        return destination[len(prefix) :] if destination.startswith(prefix) else self.topic
+
 
 @dataclass(slots=True)
 class ConsumerStats:
@@ -167,7 +270,8 @@ class ConsumerStats:
     delivery, not per handler attempt); ``handled`` those whose loop body or
     handler finished and were committed; ``dead_lettered`` counts by reason
     code (``Reason`` values; plain strings work as keys); ``retried`` counts
-    handler re-attempts; ``commit_failures`` counts commits refused because a
+    handler re-attempts scheduled (retry copies acknowledged by the broker,
+    or in-process attempts); ``commit_failures`` counts commits refused because a
     rebalance moved the partition (the new owner redelivers the record);
     ``dead_letter_stubs`` counts the dead letters (already in
     ``dead_lettered``) written as a stub because the full one was too large.
@@ -201,13 +305,16 @@ Handler = Callable[[KafkaDelivery], Awaitable[object]]
 
 
 class _DropOnRevoke:
-    """Rebalance listener: forget buffered records of partitions taken away."""
+    """Rebalance listener: forget what belongs to partitions taken away, and let
+    a record being handled on one of them finish and commit first."""
 
     def __init__(self, owner: TrustedKafkaConsumer) -> None:
         self._owner = owner
 
     async def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
-        self._owner._drop_buffered(set(revoked))
+        partitions = set(revoked)
+        self._owner._forget(partitions)
+        await self._owner._settle(partitions)
 
     async def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
         return None
@@ -218,26 +325,59 @@ ConsumerRebalanceListener.register(_DropOnRevoke)
 
 
 class TrustedKafkaConsumer:
-    """Consume CloudEvents from Kafka, verifying every chain before user code runs.
+    """Consume CloudEvents from Kafka, admitting every record before user code runs.
 
     Args:
-        *topics: topics to subscribe to (group-managed assignment).
-        verifier: the :class:`ChainVerifier` (its bundle may be swapped live).
+        *topics: topics to subscribe to (group-managed assignment); with
+            ``retry_topics``, their ``<topic>.retry`` topics too.
+        verifier: the :class:`ChainVerifier` (its bundle and policy may be
+            swapped live: a redelivery or retry is judged by the new one).
         group_id: the consumer group; also written as ``trusthop-consumer``
-            in dead letters.
-        dead_letter_topic: a topic name, or a function of the source topic;
-            default ``<topic>.dlq``.
-        max_attempts: handler attempts per delivery in :meth:`run` before it
-            is dead-lettered with ``handler_failed``.
-        retry_delay: seconds before the second attempt; doubles per attempt,
-            capped at 5 s.
+            in dead letters, and the replay scope ``kafka/<group_id>``.
+        dead_letter_topic: a topic name, or a function of the subscribed
+            topic (a retry copy's dead letter goes to that of its subscribed
+            topic, not of the retry topic); default ``<topic>.dlq``.
+        max_attempts: handler attempts per record in :meth:`run`, the first
+            included, before it is dead-lettered with ``handler_failed``
+            (at most :data:`~trusthop.kafka.records.MAX_RETRY_ATTEMPT` with
+            retry topics).
+        retry_delay: with retry topics, seconds a retry copy waits on the
+            retry topic before it is handled (default
+            :data:`DEFAULT_RETRY_DELAY`, 1 s; the same for every attempt);
+            with ``retry_topics=False``, seconds before the second
+            in-process attempt, doubling per attempt, capped at 5 s (default
+            :data:`DEFAULT_IN_PROCESS_RETRY_DELAY`).
+        retry_topics: retry a failed handler through ``<topic>.retry``
+            (default): the record is committed once its retry copy is
+            acknowledged, and nothing blocks while the copy waits. ``False``:
+            retry in process, sleeping between attempts and holding the
+            record (and its partition) until it is settled.
+        replay_store: where the group's sightings live (see
+            :mod:`trusthop.replay`); default a fresh
+            :class:`~trusthop.stores.memory.MemoryReplayStore` per consumer
+            (replicas of one group need a shared one, e.g.
+            :class:`~trusthop.stores.redis.RedisReplayStore`); ``None``
+            turns replay detection off (every delivery, retries included,
+            is then verified in full at the current time). A store passed
+            in stays the caller's to close.
+        max_uses: distinct copies of one signed event the group accepts (1:
+            single use; N: a broadcast consumed up to N times).
+        on_replay: ``"reject"`` (dead-letter a replay with ``replayed``) or
+            ``"skip"`` (commit it without the handler, counted under
+            ``duplicates``).
+        remember: seconds a sighting is kept after its first delivery at
+            least, beyond the chain's own validity.
+        metrics: an extra sink for the counters (e.g.
+            :class:`~trusthop.metrics.PrometheusMetrics`); they are always
+            kept in :attr:`counters` too.
         poll_timeout_ms: how long one ``getmany`` waits; bounds how late a
             concurrent :meth:`stop` is noticed.
         dead_letter_producer: an existing started ``AIOKafkaProducer`` for dead
-            letters (the caller's to start and stop); by default one is
-            built on the consumer's connection settings with ``acks="all"``.
-            Give it a ``max_request_size`` above the largest record the
-            consumer can receive, or large rejects are dead-lettered as stubs.
+            letters and retry copies (the caller's to start and stop); by
+            default one is built on the consumer's connection settings with
+            ``acks="all"``. Give it a ``max_request_size`` above the largest
+            record the consumer can receive, or large rejects are
+            dead-lettered as stubs.
         dead_letter_max_request_size: ``max_request_size`` of the dead-letter
             producer the consumer builds; default
             :func:`default_dead_letter_max_request_size` (2 MiB unless
@@ -250,8 +390,11 @@ class TrustedKafkaConsumer:
 
     Raises:
         ValueError: ``enable_auto_commit=True``, no topic, an empty
-            ``group_id``, ``max_attempts < 1``, a non-positive
-            ``dead_letter_max_request_size``.
+            ``group_id``, ``max_attempts < 1`` (or over
+            :data:`~trusthop.kafka.records.MAX_RETRY_ATTEMPT` with retry
+            topics), a negative or non-finite ``retry_delay``, a
+            non-positive ``dead_letter_max_request_size``, ``max_uses < 1``,
+            a negative ``remember``, an unknown ``on_replay``.
         TypeError: a ``key_deserializer``/``value_deserializer`` (the
             verifier needs the raw bytes), or both ``dead_letter_producer``
             and ``dead_letter_max_request_size``.
@@ -260,14 +403,16 @@ class TrustedKafkaConsumer:
     the next one (its body finished), or when :meth:`commit` is awaited.
     Leaving the loop (an exception, ``break``, ``return``) leaves the last
     delivery uncommitted, whether the loop is left for good (:meth:`stop`,
-    ``async with`` exit) or not: it is delivered again, to this consumer when
-    it loops again, or to the group after a restart. Python's ``async for``
-    cannot tell ``break`` from an exception (and an exception caught inside
-    the ``async with`` block looks like a clean exit), so the shell errs on
-    the side of redelivery, never of loss: call :meth:`commit` before
-    ``break`` to avoid the duplicate. :meth:`run` commits each record as soon
-    as its handler returned or it was dead-lettered. Iterate from one task
-    at a time, and not while :meth:`run` is consuming.
+    ``async with`` exit) or not: it is delivered again (a redelivery), to
+    this consumer when it loops again, or to the group after a restart.
+    Python's ``async for`` cannot tell ``break`` from an exception (and an
+    exception caught inside the ``async with`` block looks like a clean
+    exit), so the shell errs on the side of redelivery, never of loss: call
+    :meth:`commit` before ``break`` to avoid the duplicate. :meth:`run`
+    commits each record as soon as its handler returned, its retry copy was
+    acknowledged, or it was dead-lettered. Iterate from one task at a time,
+    and not while :meth:`run` is consuming. ``async for`` has no handler
+    retries: it yields retry copies (written by :meth:`run`) like any record.
     """
 
     def __init__(
@@ -277,7 +422,13 @@ class TrustedKafkaConsumer:
         group_id: str,
         dead_letter_topic: str | Callable[[str], str] = default_dead_letter_topic,
         max_attempts: int = 3,
-        retry_delay: float = 0.05,
+        retry_delay: float | None = None,
+        retry_topics: bool = True,
+        replay_store: ReplayStore | Literal[_Fresh.STORE] | None = FRESH_STORE,
+        max_uses: int = 1,
+        on_replay: OnReplay | str = OnReplay.REJECT,
+        remember: float = DEFAULT_REMEMBER,
+        metrics: Metrics | None = None,
         poll_timeout_ms: int = 250,
         dead_letter_producer: Any = None,
         dead_letter_max_request_size: int | None = None,
@@ -297,6 +448,12 @@ class TrustedKafkaConsumer:
                 raise TypeError(f"{name} is not supported: verification needs the raw bytes")
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if retry_topics and max_attempts > MAX_RETRY_ATTEMPT:
+            raise ValueError(f"max_attempts is at most {MAX_RETRY_ATTEMPT} with retry topics")
+        if retry_delay is None:
+            retry_delay = DEFAULT_RETRY_DELAY if retry_topics else DEFAULT_IN_PROCESS_RETRY_DELAY
+        if not (math.isfinite(retry_delay) and retry_delay >= 0):
+            raise ValueError("retry_delay must be a finite number of seconds, at least 0")
         if dead_letter_max_request_size is not None:
             if dead_letter_producer is not None:
                 raise TypeError(
@@ -304,12 +461,28 @@ class TrustedKafkaConsumer:
                 )
             if dead_letter_max_request_size <= 0:
                 raise ValueError("dead_letter_max_request_size must be positive")
+        store = MemoryReplayStore() if replay_store is FRESH_STORE else replay_store
+        self.admission = Admission(
+            verifier,
+            scope=f"kafka/{group_id}",
+            store=store,
+            max_uses=max_uses,
+            on_replay=on_replay,
+            remember=remember,
+            metrics=metrics,
+        )
         consumer_kwargs["enable_auto_commit"] = False
         self.topics = tuple(topics)
+        self.retry_topics = retry_topics
+        retries = tuple(retry_topic(t) for t in topics) if retry_topics else ()
+        # Every topic subscribed to: the topics, then their retry topics.
+        self.subscribed = tuple(dict.fromkeys((*topics, *retries)))
+        self._bases = frozenset(topics)
+        self._retry_sources = frozenset(retries) - self._bases
         self.verifier = verifier
         self.group_id = group_id
         self.max_attempts = max_attempts
-        self.retry_delay = retry_delay
+        self.retry_delay = float(retry_delay)
         self.poll_timeout_ms = poll_timeout_ms
         self.stats = ConsumerStats()
         self._dead_letter_topic = dead_letter_topic
@@ -336,6 +509,15 @@ class TrustedKafkaConsumer:
         self._stopped = False
         self._run_task: asyncio.Task[Any] | None = None
         self._stop_from_handler = False
+        # Retry partitions paused until their next copy is due: (offset, due
+        # epoch seconds); and the offset each resumed partition may deliver
+        # at once (its wait is over, whatever its header says).
+        self._holds: dict[TopicPartition, tuple[int, float]] = {}
+        self._released: dict[TopicPartition, int] = {}
+        # The partition of the record run() is settling (for the revoke listener).
+        self._settling: TopicPartition | None = None
+        self._settled = asyncio.Event()
+        self._settled.set()
 
     # ------------------------------------------------------------- lifecycle
 
@@ -346,8 +528,20 @@ class TrustedKafkaConsumer:
 
     @property
     def dead_letter_producer(self) -> Any:
-        """The ``AIOKafkaProducer`` that writes dead letters."""
+        """The ``AIOKafkaProducer`` that writes dead letters and retry copies."""
         return self._dlq
+
+    @property
+    def counters(self) -> Counters:
+        """The admission's counters (:mod:`trusthop.metrics` names: ``verified``,
+        ``rejected`` by reason, ``redelivered``, ``retried``, ``replayed``,
+        ``duplicates``, ``cache_hits``...), beside the transport's :attr:`stats`."""
+        return self.admission.counters
+
+    @property
+    def replay_store(self) -> ReplayStore | None:
+        """The group's replay store (``None``: replay detection is off)."""
+        return self.admission.store
 
     def dead_letter_topic_for(self, topic: str) -> str:
         """The dead-letter topic of records consumed from ``topic``."""
@@ -355,16 +549,28 @@ class TrustedKafkaConsumer:
         return target(topic) if callable(target) else target
 
     async def start(self) -> None:
-        """Start the dead-letter producer, then subscribe and start the consumer.
+        """Check the replay store, start the dead-letter producer, then subscribe
+        and start the consumer.
 
-        The group join happens on the first fetch (it can take seconds).
+        A store with an async ``check()`` method (such as
+        :meth:`~trusthop.stores.redis.RedisReplayStore.check`, which refuses a
+        Redis that may evict entries early) is checked first. The group join
+        happens on the first fetch (it can take seconds).
+
+        Raises:
+            trusthop.stores.base.StoreError: the store's check failed; nothing
+                was started.
+            aiokafka.errors.KafkaError: from aiokafka.
         """
         if self._started:
             return
+        check = getattr(self.admission.store, "check", None)
+        if check is not None and inspect.iscoroutinefunction(check):
+            await check()
         if self._owns_dlq:
             await self._dlq.start()
         try:
-            self._consumer.subscribe(list(self.topics), listener=_DropOnRevoke(self))
+            self._consumer.subscribe(list(self.subscribed), listener=_DropOnRevoke(self))
             await self._consumer.start()
         except BaseException:
             if self._owns_dlq:
@@ -430,8 +636,9 @@ class TrustedKafkaConsumer:
     async def __anext__(self) -> KafkaDelivery:
         """Commit the previous delivery (its body finished), return the next one.
 
-        Records that fail verification are dead-lettered (as in :meth:`run`,
-        stubs included) and committed on the way and never returned. Ends
+        Records that fail admission are dead-lettered (as in :meth:`run`,
+        stubs included) and committed on the way and never returned; so are
+        replays skipped under ``on_replay="skip"`` (committed only). Ends
         (``StopAsyncIteration``) once :meth:`stop` was called.
 
         Raises:
@@ -456,13 +663,14 @@ class TrustedKafkaConsumer:
                 if record is None:
                     raise StopAsyncIteration
                 try:
-                    delivery = await self._admit(record)
-                    if delivery is None:
+                    admitted = await self._admit(record)
+                    if admitted is None:
                         await self._commit(record)
                         continue
                 except BaseException:
                     self._rewind(record)
                     raise
+                delivery = admitted[0]
                 self._pending = delivery
                 self._pending_task = asyncio.current_task()
                 self.stats.delivered += 1
@@ -499,32 +707,44 @@ class TrustedKafkaConsumer:
     async def run(self, handler: Handler | None = None, *, limit: int | None = None) -> int:
         """Consume until :meth:`stop` (or ``limit`` records), awaiting ``handler`` per delivery.
 
-        A handler exception is retried up to ``max_attempts`` times in all
-        (``delivery.attempt`` says which), then the record is dead-lettered
-        with ``handler_failed``. Each record is committed once handled or
-        dead-lettered. Cancelling ``run`` leaves the current record
-        uncommitted; it comes again.
+        A handler exception is retried up to ``max_attempts`` handler attempts
+        in all (``delivery.attempt`` says which), then the record is
+        dead-lettered with ``handler_failed`` and the attempts made. With
+        retry topics (the default), attempt ``n`` failing is remembered in
+        the replay store, a copy of the record for attempt ``n+1`` is written
+        to ``<topic>.retry`` and acknowledged, and the record is committed;
+        the copy comes back ``retry_delay`` seconds later (its partition
+        paused meanwhile, nothing else waits). Without (``retry_topics=False``),
+        the attempts run in process with a growing sleep between them.
+        Each record is committed once handled, handed to the retry topic,
+        skipped as a duplicate, or dead-lettered. Cancelling ``run`` (or a
+        ``BaseException`` from the handler) leaves the current record
+        uncommitted; it comes again, as a redelivery.
 
         Dead letters: the original key, value and headers (minus incoming
-        ``trusthop-*`` headers) plus the verdict. One that is too large to
-        send (aiokafka's ``MessageSizeTooLargeError``, or the broker's
-        MESSAGE_TOO_LARGE / RECORD_LIST_TOO_LARGE) is replaced by a stub
-        without key, value or original headers, carrying the verdict,
+        ``trusthop-*`` headers) plus the verdict (with the destination its
+        newest ring was signed for and the delivery attempts; the dead letter
+        of a retry copy also names the first record in ``trusthop-original``
+        and goes to the dead-letter topic of the subscribed topic). One that
+        is too large to send (aiokafka's ``MessageSizeTooLargeError``, or the
+        broker's MESSAGE_TOO_LARGE / RECORD_LIST_TOO_LARGE) is replaced by a
+        stub without key, value or original headers, carrying the verdict,
         ``trusthop-original: <topic>/<partition>/<offset>`` and
         ``trusthop-original-bytes``; the record is then committed. A decoder
         or verifier exception other than ``TrustError`` (a bug) is logged
         and dead-lettered as ``malformed``.
 
         Returns:
-            The number of records settled (handled or dead-lettered).
+            The number of records settled (handled, handed to the retry
+            topic, skipped or dead-lettered).
 
         Raises:
             TypeError: no handler given or registered.
             RuntimeError: not started, already consuming, or another task
                 is inside an ``async for`` loop over this consumer.
-            aiokafka.errors.KafkaError: dead-lettering failed other than by
-                size, stub included (the record is not committed and comes
-                again).
+            aiokafka.errors.KafkaError: a dead letter or retry copy could not
+                be written other than by size, stub included (the record is
+                not committed and comes again).
         """
         func = handler if handler is not None else self._handler
         if func is None:
@@ -545,16 +765,21 @@ class TrustedKafkaConsumer:
                     record = await self._next_record()
                     if record is None:
                         break
+                    self._settling = TopicPartition(record.topic, record.partition)
+                    self._settled.clear()
                     try:
-                        delivery = await self._admit(record)
-                        if delivery is None:
+                        admitted = await self._admit(record)
+                        if admitted is None:
                             await self._commit(record)
                         else:
                             self.stats.delivered += 1
-                            await self._handle(func, delivery)
+                            await self._handle(func, *admitted)
                     except BaseException:
                         self._rewind(record)
                         raise
+                    finally:
+                        self._settling = None
+                        self._settled.set()
                 settled += 1
         finally:
             self._run_task = None
@@ -563,12 +788,39 @@ class TrustedKafkaConsumer:
                     await self._shutdown()
         return settled
 
-    async def _handle(self, func: Handler, delivery: KafkaDelivery) -> None:
+    async def _handle(self, func: Handler, delivery: KafkaDelivery, admitted: Admitted) -> None:
+        if not self.retry_topics:
+            await self._handle_in_process(func, delivery)
+            return
+        attempt = delivery.attempt
+        try:
+            await func(delivery)
+        except Exception as exc:
+            log.debug(
+                "handler attempt %d/%d failed for %s:%d@%d",
+                attempt,
+                self.max_attempts,
+                delivery.topic,
+                delivery.partition,
+                delivery.offset,
+                exc_info=True,
+            )
+            if attempt < self.max_attempts:
+                await self._retry(delivery, admitted, exc)
+            else:
+                await self._handler_failed(delivery, exc, attempt)
+            return
+        await self._commit_handled(delivery.record)
+
+    async def _handle_in_process(self, func: Handler, delivery: KafkaDelivery) -> None:
         error: Exception | None = None
-        for attempt in range(1, self.max_attempts + 1):
-            if attempt > 1:
+        first = delivery.attempt
+        for attempt in range(first, self.max_attempts + 1):
+            if attempt > first:
                 self.stats.retried += 1
-                await asyncio.sleep(min(self.retry_delay * 2 ** (attempt - 2), _MAX_RETRY_DELAY))
+                self.admission.count("retried")
+                delay = self.retry_delay * 2 ** (attempt - first - 1)
+                await asyncio.sleep(min(delay, _MAX_RETRY_DELAY))
             try:
                 await func(replace(delivery, attempt=attempt))
             except Exception as exc:
@@ -586,9 +838,92 @@ class TrustedKafkaConsumer:
             await self._commit_handled(delivery.record)
             return
         assert error is not None
+        await self._handler_failed(delivery, error, max(first, self.max_attempts))
+
+    async def _retry(self, delivery: KafkaDelivery, admitted: Admitted, error: Exception) -> None:
+        """Hand ``delivery`` to its retry topic for the next handler attempt, then commit.
+
+        The store learns of the retry first (a copy it does not expect is a
+        replay), then the copy is written and acknowledged, then the record
+        is committed. A store failure dead-letters the record
+        ``store_unavailable`` (no copy is written: it could not be told from
+        a forged one); a copy too large for the producer or the broker
+        dead-letters it ``handler_failed`` at once.
+
+        Raises:
+            aiokafka.errors.KafkaError: the copy (or that dead letter) was not
+                acknowledged; nothing is committed, the record comes again.
+        """
+        record = delivery.record
+        attempt = delivery.attempt
+        following = attempt + 1
+        try:
+            await self.admission.schedule_retry(admitted, following)
+        except TrustError as failure:
+            log.warning(
+                "cannot schedule retry %d of %s:%d@%d: %s",
+                following,
+                record.topic,
+                record.partition,
+                record.offset,
+                failure,
+            )
+            rejection = Rejection(
+                failure.reason,
+                f"{failure.message}; the handler failed with {_describe(error)}",
+                kafka_destination(record.topic),
+                self.group_id,
+                attempt,
+                delivery.context.destination,
+            )
+            self.admission.count("rejected", reason=failure.reason.value)
+            await self._dead_letter(record, rejection)
+            await self._commit(record)
+            return
+        base = delivery.topic_base
+        first = self._first_of(record)
+        due_ms = math.ceil((time.time() + self.retry_delay) * 1000)
+        headers = retry_headers(
+            record.headers, attempt=following, not_before_ms=due_ms, first=first, attempts=attempt
+        )
+        target = retry_topic(base)
+        try:
+            await self._send(target, record.key, record.value, headers)
+        except KafkaError as exc:
+            if not _is_size_error(exc):
+                raise
+            log.error(
+                "retry copy of %s:%d@%d is too large for %s (%s); dead-lettering it now",
+                record.topic,
+                record.partition,
+                record.offset,
+                target,
+                type(exc).__name__,
+            )
+            detail = f"{_describe(error)} (the retry copy was refused as too large)"
+            await self._handler_failed(delivery, error, attempt, detail=detail)
+            return
+        self.stats.retried += 1
+        log.info(
+            "handler attempt %d/%d failed for %s:%d@%d; retry %d in %s in %.3g s",
+            attempt,
+            self.max_attempts,
+            record.topic,
+            record.partition,
+            record.offset,
+            following,
+            target,
+            self.retry_delay,
+        )
+        await self._commit(record)
+
+    async def _handler_failed(
+        self, delivery: KafkaDelivery, error: Exception, attempts: int, *, detail: str | None = None
+    ) -> None:
+        """Dead-letter ``delivery`` with ``handler_failed`` after ``attempts``, then commit."""
         log.warning(
             "handler failed %d times for %s:%d@%d: %r",
-            self.max_attempts,
+            attempts,
             delivery.topic,
             delivery.partition,
             delivery.offset,
@@ -596,35 +931,97 @@ class TrustedKafkaConsumer:
         )
         rejection = Rejection(
             Reason.HANDLER_FAILED,
-            _describe(error),
+            detail if detail is not None else _describe(error),
             kafka_destination(delivery.topic),
             self.group_id,
-            self.max_attempts,
+            attempts,
+            delivery.context.destination,
         )
+        self.admission.count("rejected", reason=Reason.HANDLER_FAILED.value)
         await self._dead_letter(delivery.record, rejection)
         await self._commit(delivery.record)
 
     # ------------------------------------------------------------- internals
 
     async def _next_record(self) -> Any:
-        """The next buffered record, fetching with ``getmany``; ``None`` once stopping."""
-        while not self._buffer:
-            if self._stopping:
-                return None
-            try:
-                batches = await self._consumer.getmany(timeout_ms=self.poll_timeout_ms)
-            except ConsumerStoppedError:
-                return None
-            except UnicodeDecodeError:
-                log.warning("aiokafka cannot decode a fetched record; looking for it")
+        """The next buffered record that is due, fetching with ``getmany``;
+        ``None`` once stopping.
+
+        A retry copy that is not due yet is not returned: its partition is
+        paused and rewound to it (:meth:`_hold`), and resumed by a later call
+        once it is due; records of other partitions are returned meanwhile.
+        """
+        while True:
+            while not self._buffer:
+                if self._stopping:
+                    return None
+                timeout_ms = self._release_due()
                 try:
-                    await self._isolate_undecodable()
+                    batches = await self._consumer.getmany(timeout_ms=timeout_ms)
                 except ConsumerStoppedError:
                     return None
-                continue
-            for records in batches.values():
-                self._buffer.extend(records)
-        return self._buffer.popleft()
+                except UnicodeDecodeError:
+                    log.warning("aiokafka cannot decode a fetched record; looking for it")
+                    try:
+                        await self._isolate_undecodable()
+                    except ConsumerStoppedError:
+                        return None
+                    continue
+                for records in batches.values():
+                    self._buffer.extend(records)
+            record = self._buffer.popleft()
+            if not self._hold(record):
+                return record
+
+    def _hold(self, record: Any) -> bool:
+        """Whether ``record`` is a retry copy not due yet; if so, pause its
+        partition at it (rewind it there, drop what was buffered after it).
+
+        The wait is the copy's ``trusthop-not-before`` minus now, capped at
+        ``retry_delay`` (a forged far-future header cannot hold a partition
+        longer); once a partition's wait is over, the record it was held at is
+        delivered whatever its header says.
+        """
+        if record.topic not in self._retry_sources or isinstance(record, _Undecodable):
+            return False
+        tp = TopicPartition(record.topic, record.partition)
+        if self._released.get(tp) == record.offset:
+            del self._released[tp]
+            return False
+        due = parse_not_before(record.headers)
+        if due is None:
+            return False
+        now = time.time()
+        wait = min(due - now, self.retry_delay)
+        if wait <= 0:
+            return False
+        self._drop_buffered({tp})
+        try:
+            self._consumer.seek(tp, record.offset)
+            self._consumer.pause(tp)
+        except IllegalStateError:  # revoked meanwhile: its new owner fetches it
+            return True
+        self._holds[tp] = (record.offset, now + wait)
+        log.debug("retry %s:%d@%d is due in %.3f s", *tp, record.offset, wait)
+        return True
+
+    def _release_due(self) -> int:
+        """Resume the held partitions whose record is due; return how long the
+        next ``getmany`` may wait (milliseconds): ``poll_timeout_ms``, or less
+        when a held partition falls due sooner."""
+        timeout_ms = self.poll_timeout_ms
+        if not self._holds:
+            return timeout_ms
+        now = time.time()
+        for tp, (offset, due) in list(self._holds.items()):
+            if due <= now:
+                del self._holds[tp]
+                self._released[tp] = offset
+                with contextlib.suppress(IllegalStateError):
+                    self._consumer.resume(tp)
+            else:
+                timeout_ms = min(timeout_ms, math.ceil((due - now) * 1000))
+        return max(timeout_ms, 0)
 
     async def _isolate_undecodable(self) -> None:
         """After ``getmany`` raised ``UnicodeDecodeError``: find the record, buffer a stand-in.
@@ -694,13 +1091,33 @@ class TrustedKafkaConsumer:
                 if not (one_at_a_time and records):
                     break
 
-    async def _admit(self, record: Any) -> KafkaDelivery | None:
-        """Verify ``record``; dead-letter it (not commit) and return ``None`` if rejected.
+    def _base_topic(self, topic: str) -> str:
+        """The subscribed topic a record of ``topic`` belongs to: ``t`` for
+        ``t.retry`` (and ``t.dlq``) when ``t`` is subscribed, else ``topic``
+        itself (the topic of :func:`signed_kafka_destination`)."""
+        destination = signed_kafka_destination(topic, self._bases)
+        return destination[len("kafka:") :]
+
+    def _first_of(self, record: Any) -> str:
+        """``<topic>/<partition>/<offset>`` of the first record ``record`` was
+        copied from: itself, or the ``trusthop-original`` of a retry copy."""
+        if record.topic in self._retry_sources:
+            first = parse_original(record.headers)
+            if first is not None:
+                return first
+        return coordinates(record.topic, record.partition, record.offset)
+
+    async def _admit(self, record: Any) -> tuple[KafkaDelivery, Admitted] | None:
+        """Admit ``record``; dead-letter it (not commit) and return ``None`` if
+        rejected, or return ``None`` for a replay skipped under
+        ``on_replay="skip"`` (commit it without the handler).
 
         A :class:`TrustError` is the record's verdict. Any other exception from
-        decoding or verifying is a trusthop bug: logged with its traceback and
+        decoding or admitting is a trusthop bug: logged with its traceback and
         dead-lettered as ``malformed`` all the same, so that no record can
         stop the consumer, nor stall it by coming back after every restart.
+        Every rejection is counted under ``rejected`` (admission counts its
+        own).
 
         Raises:
             aiokafka.errors.KafkaError: the dead letter could not be written
@@ -711,13 +1128,28 @@ class TrustedKafkaConsumer:
             rejection = Rejection(Reason.MALFORMED, UNDECODABLE_DETAIL, source, self.group_id)
             await self._send_stub(record, rejection, None)
             self.stats.dead_lettered[rejection.reason] += 1
+            self.admission.count("rejected", reason=rejection.reason.value)
             return None
+        retry = parse_retry_attempt(record.headers) if record.topic in self._retry_sources else 0
+        attempt = max(retry, 1)
+        delivery = DeliveryInfo(
+            id=f"{record.topic}/{record.partition}@{record.offset}", retry=retry
+        )
+        wire: WireEvent | None = None
         try:
-            trusted = await verify_record_async(
-                self.verifier, topic=record.topic, headers=record.headers, value=record.value
-            )
+            wire = decode_record(record.headers, record.value)
+            destination = signed_kafka_destination(record.topic, self._bases)
+            admitted = await self.admission.admit(wire, destination, delivery)
         except TrustError as error:
-            rejection = Rejection.of(error, source=source, consumer=self.group_id)
+            if wire is None:  # refused before admission saw it
+                self.admission.count("rejected", reason=error.reason.value)
+            rejection = Rejection.of(
+                error,
+                source=source,
+                consumer=self.group_id,
+                attempts=attempt,
+                destination=signed_destination(wire, self.verifier.limits),
+            )
             log.warning(
                 "rejected %s:%d@%d: %s", record.topic, record.partition, record.offset, error
             )
@@ -732,10 +1164,26 @@ class TrustedKafkaConsumer:
                 record.offset,
             )
             detail = f"undecodable record ({type(exc).__name__})"
-            rejection = Rejection(Reason.MALFORMED, detail, source, self.group_id)
+            rejection = Rejection(
+                Reason.MALFORMED,
+                detail,
+                source,
+                self.group_id,
+                attempt,
+                signed_destination(wire, self.verifier.limits),
+            )
+            self.admission.count("rejected", reason=rejection.reason.value)
             await self._dead_letter(record, rejection)
             return None
-        return KafkaDelivery(trusted, record)
+        if admitted is None:
+            log.info(
+                "skipped %s:%d@%d: a copy of an event this group accepted before",
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+            return None
+        return KafkaDelivery(admitted.trusted, record, attempt, admitted.kind), admitted
 
     async def _dead_letter(self, record: Any, rejection: Rejection) -> None:
         """Write the dead letter of ``record`` and wait for the broker's ack.
@@ -751,10 +1199,11 @@ class TrustedKafkaConsumer:
                 letter, or any failure of the stub; nothing was acknowledged
                 and the caller must not commit.
         """
-        topic = self.dead_letter_topic_for(record.topic)
-        headers = dead_letter_headers(record.headers, rejection)
+        topic = self.dead_letter_topic_for(self._base_topic(record.topic))
+        first = self._first_of(record) if record.topic in self._retry_sources else None
+        headers = dead_letter_headers(record.headers, rejection, first=first)
         try:
-            await self._send_dead_letter(topic, record.key, record.value, headers)
+            await self._send(topic, record.key, record.value, headers)
         except KafkaError as exc:
             if not _is_size_error(exc):
                 raise
@@ -786,17 +1235,19 @@ class TrustedKafkaConsumer:
             offset=record.offset,
             size=size,
         )
-        await self._send_dead_letter(self.dead_letter_topic_for(record.topic), None, None, stub)
+        topic = self.dead_letter_topic_for(self._base_topic(record.topic))
+        await self._send(topic, None, None, stub)
         self.stats.dead_letter_stubs += 1
 
-    async def _send_dead_letter(
+    async def _send(
         self,
         topic: str,
         key: bytes | None,
         value: bytes | None,
         headers: list[tuple[str, bytes | None]],
     ) -> None:
-        """Send one record to ``topic`` and wait for the ack.
+        """Send one record (a dead letter or a retry copy) to ``topic`` through
+        the dead-letter producer and wait for the ack.
 
         Raises:
             aiokafka.errors.KafkaError: not acknowledged;
@@ -851,4 +1302,31 @@ class TrustedKafkaConsumer:
         if partitions and self._buffer:
             self._buffer = deque(
                 r for r in self._buffer if TopicPartition(r.topic, r.partition) not in partitions
+            )
+
+    def _forget(self, partitions: set[Any]) -> None:
+        """Partitions were revoked: drop their buffered records, their holds
+        and release marks. aiokafka itself forgets their pause state and
+        positions: a partition assigned again starts from its committed offset
+        (a held retry copy is fetched and held again)."""
+        self._drop_buffered(partitions)
+        for tp in partitions:
+            self._holds.pop(tp, None)
+            self._released.pop(tp, None)
+
+    async def _settle(self, partitions: set[Any]) -> None:
+        """Wait (at most :data:`REVOKE_GRACE` seconds) for the record :meth:`run`
+        is settling, if it is on a revoked partition, so that its commit
+        lands before the partition moves; past the grace the commit fails and
+        the new owner delivers the record again."""
+        if self._settling is None or self._settling not in partitions:
+            return
+        try:
+            async with asyncio.timeout(REVOKE_GRACE):
+                await self._settled.wait()
+        except TimeoutError:
+            log.warning(
+                "%s was revoked while a record was still being handled; the new owner "
+                "will deliver it again",
+                self._settling,
             )
