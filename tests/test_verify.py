@@ -69,6 +69,7 @@ from trusthop.chain import (
     K_SUBJECT,
     K_TRUST_DOMAIN,
     K_TXN,
+    K_X5C,
     ORIGIN_DOMAIN,
     Chain,
     HopRing,
@@ -286,7 +287,9 @@ FIELD_KEYS = {
     "consumed_event_id": K_CONSUMED,
     "peer": K_PEER,
     "signature": K_SIG,
+    "x5c": K_X5C,
 }
+NOT_A_CERTIFICATE = (b"\x30\x00",)
 OTHER_HASH = hashlib.sha256(b"something else").digest()
 
 # (ring, field, new value, reason without relinking, reason after relinking)
@@ -316,6 +319,8 @@ MUTATIONS: list[tuple[int, str, Any, tuple[Reason, int], tuple[Reason, int]]] = 
     (0, "amr", ("pwd",), (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
     (0, "amr", None, (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
     (0, "signature", "flip", (R.BAD_SIGNATURE, 0), (R.BAD_SIGNATURE, 0)),
+    # x5c makes the ring's key the certificate's (tests/test_x509svid.py has the rest).
+    (0, "x5c", NOT_A_CERTIFICATE, (R.BAD_CERTIFICATE, 0), (R.BAD_CERTIFICATE, 0)),
     (1, "actor", ORDERS_ID, (R.UNAUTHORIZED_ACTOR, 1), (R.UNAUTHORIZED_ACTOR, 1)),
     (1, "kid", "no-such-kid", (R.UNKNOWN_KEY, 1), (R.UNKNOWN_KEY, 1)),
     (1, "kid", "orders-1", (R.UNAUTHORIZED_ACTOR, 1), (R.UNAUTHORIZED_ACTOR, 1)),
@@ -333,6 +338,7 @@ MUTATIONS: list[tuple[int, str, Any, tuple[Reason, int], tuple[Reason, int]]] = 
     (1, "consumed_event_id", "evt-0", (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
     (1, "peer", BROKER_PEER, (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
     (1, "signature", "flip", (R.BAD_SIGNATURE, 1), (R.BAD_SIGNATURE, 1)),
+    (1, "x5c", NOT_A_CERTIFICATE, (R.BAD_CERTIFICATE, 1), (R.BAD_CERTIFICATE, 1)),
 ]
 # The newest ring has nothing after it to relink: (ring, field, value, reason,
 # delivered digest override, delivered destination override).
@@ -358,6 +364,7 @@ NEWEST: list[tuple[str, Any, tuple[Reason, int], bytes | None, str | None]] = [
     ("peer", "spiffe://prod.example.com/ns/evil/sa/proxy", (R.BAD_SIGNATURE, 2), None, None),
     ("peer", None, (R.BAD_SIGNATURE, 2), None, None),
     ("signature", "flip", (R.BAD_SIGNATURE, 2), None, None),
+    ("x5c", NOT_A_CERTIFICATE, (R.BAD_CERTIFICATE, 2), None, None),
 ]
 
 

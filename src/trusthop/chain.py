@@ -22,6 +22,7 @@ WIRE_VERSION = 1
 
 # Map keys shared by both ring kinds.
 K_SIG, K_ACTOR, K_KID, K_IAT, K_EXP, K_SCOPE = 0, 1, 2, 3, 4, 5
+K_X5C = 6  # optional: the signer's X.509-SVID chain (DER, leaf first)
 # Origin ring keys.
 K_SUBJECT, K_ISSUER, K_CRED_HASH, K_TXN, K_TRUST_DOMAIN, K_ACR, K_AMR = 10, 11, 12, 13, 14, 15, 16
 # Hop ring keys.
@@ -29,9 +30,9 @@ K_PREV, K_EVENT, K_DEST, K_CONSUMED, K_PEER = 20, 21, 22, 23, 24
 
 _COMMON_KEYS = frozenset({K_SIG, K_ACTOR, K_KID, K_IAT, K_EXP, K_SCOPE})
 _ORIGIN_REQUIRED = _COMMON_KEYS | {K_SUBJECT, K_ISSUER, K_CRED_HASH, K_TXN, K_TRUST_DOMAIN}
-_ORIGIN_ALLOWED = _ORIGIN_REQUIRED | {K_ACR, K_AMR}
+_ORIGIN_ALLOWED = _ORIGIN_REQUIRED | {K_ACR, K_AMR, K_X5C}
 _HOP_REQUIRED = _COMMON_KEYS | {K_PREV, K_EVENT, K_DEST}
-_HOP_ALLOWED = _HOP_REQUIRED | {K_CONSUMED, K_PEER}
+_HOP_ALLOWED = _HOP_REQUIRED | {K_CONSUMED, K_PEER, K_X5C}
 
 ORIGIN_DOMAIN = b"trusthop/v1/origin\x00"
 HOP_DOMAIN = b"trusthop/v1/hop\x00"
@@ -39,6 +40,8 @@ RING_HASH_DOMAIN = b"trusthop/v1/ring\x00"
 
 MAX_SCOPE_ENTRIES = 64
 MAX_TEXT = 1024
+MAX_X5C_CERTS = 4
+MAX_X5C_CERT_BYTES = 4096
 _MAX_TIME = 2**40  # seconds since the epoch; far beyond any real window
 
 
@@ -47,7 +50,9 @@ class OriginRing:
     """Ring 0: who the work is for, minted by the edge actor.
 
     ``credential_hash`` is the SHA-256 of the original credential (the user's
-    token); the credential itself is never part of a ring.
+    token); the credential itself is never part of a ring. ``x5c``, when
+    set, is the signer's X.509-SVID chain (DER certificates, leaf first,
+    no root): the ring's key is then the leaf's, not a bundle key.
     """
 
     actor: str
@@ -63,6 +68,7 @@ class OriginRing:
     acr: str | None = None
     amr: tuple[str, ...] | None = None
     signature: bytes = b""
+    x5c: tuple[bytes, ...] | None = None
 
     def fields(self) -> dict[int, Any]:
         """The signed map (everything but the signature)."""
@@ -82,6 +88,8 @@ class OriginRing:
             out[K_ACR] = self.acr
         if self.amr is not None:
             out[K_AMR] = list(self.amr)
+        if self.x5c is not None:
+            out[K_X5C] = list(self.x5c)
         return out
 
     def signing_input(self) -> bytes:
@@ -90,7 +98,10 @@ class OriginRing:
 
 @dataclass(frozen=True, slots=True)
 class HopRing:
-    """Ring i>0: an actor published ``event_digest`` to ``destination``."""
+    """Ring i>0: an actor published ``event_digest`` to ``destination``.
+
+    ``x5c`` as for :class:`OriginRing`.
+    """
 
     actor: str
     kid: str
@@ -103,6 +114,7 @@ class HopRing:
     consumed_event_id: str | None = None
     peer: str | None = None
     signature: bytes = b""
+    x5c: tuple[bytes, ...] | None = None
 
     def fields(self) -> dict[int, Any]:
         out: dict[int, Any] = {
@@ -119,6 +131,8 @@ class HopRing:
             out[K_CONSUMED] = self.consumed_event_id
         if self.peer is not None:
             out[K_PEER] = self.peer
+        if self.x5c is not None:
+            out[K_X5C] = list(self.x5c)
         return out
 
     def signing_input(self) -> bytes:
@@ -232,6 +246,24 @@ def _signature(m: dict[Any, Any], index: int) -> bytes:
     return value
 
 
+def _x5c(m: dict[Any, Any], index: int) -> tuple[bytes, ...] | None:
+    """Shape only; the certificates themselves are judged with the keys."""
+    if K_X5C not in m:
+        return None
+    value = m[K_X5C]
+    if (
+        not isinstance(value, list)
+        or not 1 <= len(value) <= MAX_X5C_CERTS
+        or not all(isinstance(c, bytes) and 0 < len(c) <= MAX_X5C_CERT_BYTES for c in value)
+    ):
+        raise _fail(
+            f"ring {index}: x5c must be a list of 1 to {MAX_X5C_CERTS} certificates "
+            f"of 1 to {MAX_X5C_CERT_BYTES} bytes",
+            index,
+        )
+    return tuple(value)
+
+
 def _keys(m: Any, index: int, required: frozenset[int], allowed: frozenset[int]) -> dict[Any, Any]:
     if not isinstance(m, dict):
         raise _fail(f"ring {index}: not a map", index)
@@ -274,6 +306,7 @@ def _origin(m: Any) -> OriginRing:
         acr=acr,
         amr=amr,
         signature=_signature(m, 0),
+        x5c=_x5c(m, 0),
     )
 
 
@@ -296,6 +329,7 @@ def _hop(m: Any, index: int) -> HopRing:
         else None,
         peer=peer,
         signature=_signature(m, index),
+        x5c=_x5c(m, index),
     )
 
 

@@ -1,10 +1,12 @@
 """Signing rings: the producer side of the core (no I/O).
 
 An :class:`Identity` is one workload's signing identity (SPIFFE ID, key id,
-private key). :func:`mint_origin` turns an authenticated request into an
-origin ring; :func:`append_hop` extends a chain for a published event. Both
-refuse, with the same reason codes a verifier would give, to sign something
-a verifier would reject (wider scope, longer window, foreign trust domain).
+private key, and optionally its X.509-SVID certificate chain).
+:func:`mint_origin` turns an authenticated request into an origin ring;
+:func:`append_hop` extends a chain for a published event. Both refuse, with
+the same reason codes a verifier would give, to sign something a verifier
+would reject (wider scope, longer window, foreign trust domain, a
+certificate not valid at the ring's signing time).
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from trusthop.bundle import BundleKey
 from trusthop.chain import MAX_SCOPE_ENTRIES, Chain, HopRing, OriginRing, check_ring_fields
@@ -20,6 +26,7 @@ from trusthop.errors import Reason, TrustError
 from trusthop.keys import SigningKey
 from trusthop.spiffe import SpiffeId, trust_domain_of, validate_spiffe_id
 from trusthop.verify import check_narrowing
+from trusthop.x509svid import certificate_window, check_leaf, load_chain
 
 DEFAULT_ORIGIN_TTL = 24 * 3600
 DEFAULT_HOP_TTL = 24 * 3600
@@ -27,24 +34,131 @@ DEFAULT_HOP_TTL = 24 * 3600
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """A workload's signing identity: its SPIFFE ID, key id and private key."""
+    """A workload's signing identity: its SPIFFE ID, key id and private key.
+
+    With ``certificates`` (its X.509-SVID chain: DER, leaf first, then the
+    intermediates, never the root) every ring it signs carries the chain
+    (field ``x5c``) and verifiers take the key from the certificate, checked
+    against the trust domain's X.509 authorities, instead of from a bundle
+    key. The leaf must then be an SVID of ``actor`` for ``key``, and ``kid``
+    the key's RFC 7638 thumbprint (see :meth:`from_svid`).
+
+    Raises:
+        ValueError: an invalid SPIFFE ID; with ``certificates``, a chain that
+            is not an X.509-SVID of ``actor`` for ``key`` (see above), holds
+            more than four certificates or a self-signed root.
+    """
 
     actor: str
     key: SigningKey
     kid: str
+    certificates: tuple[bytes, ...] = ()
+    _window: tuple[int, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         validate_spiffe_id(self.actor)
+        if self.certificates:
+            object.__setattr__(self, "_window", _check_svid_identity(self))
 
     @classmethod
-    def create(cls, actor: str, key: SigningKey, *, kid: str | None = None) -> Identity:
+    def create(
+        cls,
+        actor: str,
+        key: SigningKey,
+        *,
+        kid: str | None = None,
+        certificates: Iterable[bytes] = (),
+    ) -> Identity:
         """``kid`` defaults to the key's RFC 7638 thumbprint."""
-        return cls(actor, key, kid or key.public_key.thumbprint)
+        return cls(actor, key, kid or key.public_key.thumbprint, tuple(certificates))
+
+    @classmethod
+    def from_svid(cls, cert_chain_pem: bytes, key_pem: bytes) -> Identity:
+        """The identity of an X.509-SVID: PEM certificates (leaf first, then
+        intermediates) and the PEM private key of the leaf.
+
+        The actor is the leaf's SPIFFE ID, the key id the key's thumbprint.
+
+        Raises:
+            ValueError: no certificate, a key that is not Ed25519 or P-256 or
+                not the leaf's, or a leaf that is not an X.509-SVID.
+        """
+        certs = x509.load_pem_x509_certificates(cert_chain_pem)
+        key = SigningKey.from_pem(key_pem)
+        try:
+            actor, _ = check_leaf(certs[0])
+        except TrustError as exc:
+            raise ValueError(exc.message) from None
+        ders = tuple(c.public_bytes(serialization.Encoding.DER) for c in certs)
+        return cls(actor, key, key.public_key.thumbprint, ders)
+
+    @classmethod
+    def from_svid_files(cls, cert_path: str | Path, key_path: str | Path) -> Identity:
+        """:meth:`from_svid` of the files an SVID helper writes (spiffe-helper:
+        ``svid.pem`` with the leaf and intermediates, ``svid_key.pem``).
+
+        Read once: build a new identity when the helper rotates the SVID.
+
+        Raises:
+            OSError: a file cannot be read.
+            ValueError: as :meth:`from_svid`.
+        """
+        return cls.from_svid(Path(cert_path).read_bytes(), Path(key_path).read_bytes())
+
+    @property
+    def x5c(self) -> tuple[bytes, ...] | None:
+        """What rings signed by this identity carry as ``x5c``."""
+        return self.certificates or None
+
+    def check_certificates(self, at: int) -> None:
+        """Refuse to sign at ``at`` outside the validity of every certificate.
+
+        Raises:
+            TrustError(bad_certificate): as a verifier would (the SVID rotated
+                or expired: build a new identity from the new files).
+        """
+        if self._window is None:
+            return
+        not_before, not_after = self._window
+        if not not_before <= at <= not_after:
+            raise TrustError(
+                Reason.BAD_CERTIFICATE,
+                f"the certificate chain of {self.actor} is valid from {not_before} "
+                f"to {not_after}, not at {at}",
+            )
 
     @property
     def bundle_key(self) -> BundleKey:
         """The bundle entry that binds this identity's public key to its actor."""
         return BundleKey(self.kid, self.actor, self.key.public_key)
+
+
+def _check_svid_identity(identity: Identity) -> tuple[int, int]:
+    """Producer-side SVID rules; the chain's validity interval."""
+    chain = identity.certificates
+    if not isinstance(chain, tuple) or not all(isinstance(c, bytes) for c in chain):
+        raise ValueError("certificates must be a tuple of DER certificates (bytes)")
+    try:
+        certs = load_chain(chain)
+        spiffe_id, key = check_leaf(certs[0])
+        window = certificate_window(chain)
+    except TrustError as exc:
+        raise ValueError(exc.message) from None
+    if spiffe_id != identity.actor:
+        raise ValueError(f"the certificate is an SVID of {spiffe_id}, not of {identity.actor}")
+    if key != identity.key.public_key:
+        raise ValueError("the private key is not the key of the leaf certificate")
+    if identity.kid != key.thumbprint:
+        raise ValueError(
+            f"key id {identity.kid!r} must be the leaf key's thumbprint {key.thumbprint!r}"
+        )
+    for cert in certs[1:]:
+        if cert.subject == cert.issuer:
+            raise ValueError(
+                "the certificate chain must not include a self-signed root "
+                "(leaf and intermediates only)"
+            )
+    return window
 
 
 def hash_credential(credential: str | bytes) -> bytes:
@@ -85,6 +199,7 @@ def mint_origin(
     if ttl < 0:
         raise ValueError("ttl must not be negative")
     iat = int(now)
+    identity.check_certificates(iat)
     ring = OriginRing(
         actor=identity.actor,
         kid=identity.kid,
@@ -98,6 +213,7 @@ def mint_origin(
         trust_domain=SpiffeId.parse(identity.actor).trust_domain,
         acr=acr,
         amr=tuple(amr) if amr is not None else None,
+        x5c=identity.x5c,
     )
     check_ring_fields(ring, 0)
     return replace(ring, signature=identity.key.sign(ring.signing_input()))
@@ -136,6 +252,7 @@ def append_hop(
     exp = min(iat + ttl, prev.exp)
     if exp < iat:
         raise TrustError(Reason.EXPIRED, f"the parent chain expired at {prev.exp}")
+    identity.check_certificates(iat)
     hop = HopRing(
         actor=identity.actor,
         kid=identity.kid,
@@ -147,6 +264,7 @@ def append_hop(
         destination=destination,
         consumed_event_id=consumed_event_id,
         peer=peer,
+        x5c=identity.x5c,
     )
     check_ring_fields(hop, len(chain.hops) + 1)
     check_narrowing(prev, hop, len(chain.hops) + 1)

@@ -10,10 +10,20 @@ rule in this order:
 1. size (``too_large``) and ring count (``depth_exceeded``), before decoding;
 2. encoding and structure (``malformed``);
 3. keys, oldest ring first: the expected trust domain and origin actors
-   (``unauthorized_actor``, when the verifier was given them), key lookup
-   (``unknown_key``), revocation of the key, the actor or its segment, or a
-   ring signed after its key was retired (``revoked``), key-to-actor binding and trust
-   domain (``unauthorized_actor``);
+   (``unauthorized_actor``, when the verifier was given them); then per ring
+
+   * without ``x5c``: key lookup (``unknown_key``), revocation of the key,
+     the actor or its segment, or a ring signed after its key was retired
+     (``revoked``), key-to-actor binding and trust domain
+     (``unauthorized_actor``);
+   * with ``x5c`` (an X.509-SVID, :mod:`trusthop.x509svid`): the chain
+     validates to the X.509 authorities of the origin's trust domain at the
+     ring's ``iat`` (``bad_certificate``), its SPIFFE ID is the ring's actor
+     (``unauthorized_actor``), ``kid`` is the leaf key's RFC 7638 thumbprint
+     (``bad_certificate``), no bundle entry of that ``kid`` is revoked or
+     retired before ``iat`` and the actor and its segment are not revoked
+     (``revoked``), a bundle entry of that ``kid`` binds no other actor and
+     the actor is in the trust domain (``unauthorized_actor``);
 4. every signature (``bad_signature``);
 5. links and narrowing, oldest first: ``broken_link``, ``scope_escalation``,
    ``window_escalation``;
@@ -36,6 +46,7 @@ from trusthop.bundle import BundleKey, TrustBundle
 from trusthop.chain import Chain, HopRing, OriginRing, Ring, decode_chain
 from trusthop.errors import Reason, TrustError
 from trusthop.spiffe import trust_domain_of
+from trusthop.x509svid import validate_svid
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +143,58 @@ def check_binding(
     return entry
 
 
+def check_svid(ring: Ring, index: int, bundle: TrustBundle, trust_domain: str) -> BundleKey:
+    """Key resolution for a ring carrying ``x5c``: the SVID's leaf key.
+
+    Returns the bundle entry the signature step uses (the leaf key bound to
+    the ring's actor); raises as listed in step 3 of the module docstring.
+    """
+    assert ring.x5c is not None
+    try:
+        spiffe_id, key = validate_svid(
+            ring.x5c, authorities=bundle.x509_authorities(trust_domain), at=ring.iat
+        )
+    except TrustError as exc:
+        raise TrustError(exc.reason, f"ring {index}: {exc.message}", ring=index) from None
+    if spiffe_id != ring.actor:
+        raise TrustError(
+            Reason.UNAUTHORIZED_ACTOR,
+            f"ring {index}: the certificate is an SVID of {spiffe_id}, not of {ring.actor}",
+            ring=index,
+        )
+    if key.thumbprint != ring.kid:
+        raise TrustError(
+            Reason.BAD_CERTIFICATE,
+            f"ring {index}: key id {ring.kid!r} is not the thumbprint of the certificate's key",
+            ring=index,
+        )
+    entry = bundle.get(ring.kid)
+    if entry is not None and entry.revoked:
+        raise TrustError(Reason.REVOKED, f"ring {index}: key {ring.kid!r} is revoked", ring=index)
+    if bundle.is_revoked_actor(ring.actor):
+        raise TrustError(Reason.REVOKED, f"ring {index}: actor {ring.actor} is revoked", ring=index)
+    if entry is not None and entry.retired_at is not None and ring.iat > entry.retired_at:
+        raise TrustError(
+            Reason.REVOKED,
+            f"ring {index}: key {ring.kid!r} was retired at {entry.retired_at}, "
+            f"the ring was signed later ({ring.iat})",
+            ring=index,
+        )
+    if entry is not None and entry.actor != ring.actor:
+        raise TrustError(
+            Reason.UNAUTHORIZED_ACTOR,
+            f"ring {index}: the bundle binds key {ring.kid!r} to {entry.actor}, not {ring.actor}",
+            ring=index,
+        )
+    if trust_domain_of(ring.actor) != trust_domain:
+        raise TrustError(
+            Reason.UNAUTHORIZED_ACTOR,
+            f"ring {index}: actor {ring.actor} is outside trust domain {trust_domain}",
+            ring=index,
+        )
+    return BundleKey(ring.kid, ring.actor, key)
+
+
 def check_narrowing(prev: Ring, ring: HopRing, index: int) -> None:
     """Monotonic narrowing: scope subset and window inside the previous ring's."""
     if not ring.scope <= prev.scope:
@@ -192,7 +255,9 @@ def check_keys(
         )
     domain = origin.trust_domain
     return [
-        check_binding(ring, index, bundle.get(ring.kid), bundle, domain)
+        check_svid(ring, index, bundle, domain)
+        if ring.x5c is not None
+        else check_binding(ring, index, bundle.get(ring.kid), bundle, domain)
         for index, ring in enumerate(chain.rings)
     ]
 
