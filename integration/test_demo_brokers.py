@@ -9,7 +9,27 @@ import sys
 
 from trusthop.demo import run_demo
 from trusthop.demo.brokers import BrokerBus
-from trusthop.demo.flow import EXPECTED, GATEWAY, INVENTORY, QUARANTINED, SHIPPING
+from trusthop.demo.flow import (
+    BROADCAST_GROUPS,
+    CRASHED_ORDER,
+    DELIVERY_SCENARIOS,
+    EXPECTED,
+    GATEWAY,
+    INVENTORY,
+    ORDERS,
+    QUARANTINED,
+    REPUBLISHED_ORDER,
+    SHIPPING,
+    expected_counts,
+)
+
+# Handled deliveries: each legitimate event once per consumer (inventory,
+# shipping, auditor and both broadcast groups), whatever crashed or failed.
+HANDLED = (ORDERS - 1) * (3 + len(BROADCAST_GROUPS))
+# Messages consumed: inventory 3 orders and the re-published copy; shipping
+# 2 reservations, 2 attacks and the quarantined ones; the auditor 2 reports,
+# 5 attacks and refusals and the demoted report; each broadcast group 2 events.
+CONSUMED = ORDERS + 1 + 4 + QUARANTINED + 7 + 1 + (ORDERS - 1) * len(BROADCAST_GROUPS)
 
 
 async def test_demo_flow_across_kafka_and_rabbitmq(
@@ -40,8 +60,29 @@ async def test_demo_flow_across_kafka_and_rabbitmq(
         (f"kafka:trusthop-demo-audit-{bus.run}", 0),
     ]
     # Every message consumed came out handled or dead-lettered.
-    assert len(report.delivered) + len(report.rejected) == 3 + 4 + QUARANTINED + 7 + 1
+    assert len(report.delivered) == HANDLED
+    assert len(report.delivered) + len(report.rejected) == CONSUMED
     assert all(d.weakest_level in {"internal", "payments"} for d in report.delivered)
+    # The delivery scenarios on real brokers: a Kafka consumer died before
+    # committing (the group's next consumer got the record again: a
+    # redelivery), a copy re-published into the Kafka topic (replayed), a
+    # handler retried through RabbitMQ's retry queue, two Kafka groups.
+    assert [(s.scenario, s.ok) for s in report.scenarios] == [
+        (name, True) for name in DELIVERY_SCENARIOS
+    ], report.scenarios
+    kinds = {(d.consumer, d.event_id): (d.kind, d.attempt) for d in report.delivered}
+    assert kinds[("inventory", f"order-{CRASHED_ORDER}")] == ("redelivery", 1)
+    copies = [d for d in report.delivered if d.event_id == f"order-{REPUBLISHED_ORDER}"]
+    assert len(copies) == 1  # the original, once; its copy was dead-lettered ``replayed``
+    assert sorted(v for (c, _), v in kinds.items() if c == "shipping") == [
+        ("first", 1),
+        ("retry", 2),
+    ]
+    for group in BROADCAST_GROUPS:
+        assert [d.kind for d in report.delivered if d.consumer == group] == ["first"] * (ORDERS - 1)
+    for name, want in expected_counts().items():
+        assert report.counts[name] == want, name
+    assert report.counts["cache_hits"] > 0
 
 
 def test_demo_command_on_real_brokers(kafka_bootstrap: str, amqp_url: str) -> None:
@@ -68,7 +109,10 @@ def test_demo_command_on_real_brokers(kafka_bootstrap: str, amqp_url: str) -> No
     document = json.loads(result.stdout)
     assert document["transport"] == "kafka+rabbitmq" and document["ok"]
     assert {(r["scenario"], r["reason"]) for r in document["rejected"]} == set(EXPECTED.items())
-    assert len(document["delivered"]) == 6
+    assert len(document["delivered"]) == HANDLED
+    assert [s["scenario"] for s in document["scenarios"] if s["ok"]] == list(DELIVERY_SCENARIOS)
+    assert {k: document["counts"][k] for k in expected_counts()} == expected_counts()
+    assert document["counts"]["cache_hits"] > 0
     assert [c["change"] for c in document["policy_changes"]] == [
         "quarantine namespace shop",
         "lift the quarantine of shop",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,20 +15,58 @@ from trusthop.cli import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, main
 from trusthop.demo import run_demo
 from trusthop.demo.bus import MemoryBus
 from trusthop.demo.flow import (
+    BROADCAST_GROUPS,
+    CRASHED_ORDER,
+    DELIVERY_SCENARIOS,
     EXPECTED,
+    FAILING_ORDER,
     GATEWAY,
     INVENTORY,
+    ORDERS,
     QUARANTINED,
+    REPUBLISHED_ORDER,
     SHIPPING,
+    DemoReport,
     demo_policy,
     demo_policy_data,
+    expected_counts,
 )
 from trusthop.policy import load_policy
 
-# What each consumer reads: inventory 3 orders; shipping 2 reservations, 2
-# attacks, then the quarantined reservations; the auditor 2 reports, 5
-# attacks and policy refusals, then the report of the demoted shipping.
-CONSUMED = {"inventory": 3, "shipping": 4 + QUARANTINED, "auditor": 7 + 1}
+# What each consumer reads: inventory 3 orders (one of them twice: its
+# consumer crashed) and the re-published copy; shipping 2 reservations (one
+# of them twice: retried), 2 attacks, then the quarantined reservations; the
+# auditor 2 reports, 5 attacks and policy refusals, then the report of the
+# demoted shipping; each broadcast group the 2 tracking events.
+CONSUMED = {
+    "inventory": ORDERS + 1,
+    "shipping": 4 + QUARANTINED,
+    "auditor": 7 + 1,
+    **{group: ORDERS - 1 for group in BROADCAST_GROUPS},
+}
+CRASHES = [name for name in DELIVERY_SCENARIOS if name == "crash-before-commit"]
+FAILURES = [name for name in DELIVERY_SCENARIOS if name == "retried-handler"]
+COPIES = [name for name in EXPECTED if EXPECTED[name] == "replayed"]
+
+
+def _cache_hits_at_least(delivered: Iterable[Mapping[str, Any]]) -> int:
+    """Signature cache hits the legitimate traffic alone must produce.
+
+    One verifier serves every consumer of the run. A chain accepted as a
+    first delivery anywhere but at inventory (whose chains start at the
+    gateway, verified by no one before) extends a prefix that the upstream
+    consumer verified in this process: every ring but the newest is a hit.
+    The second broadcast group also finds the newest ring verified.
+    """
+    hits = 0
+    seen: set[str] = set()
+    for d in delivered:
+        if d["kind"] != "first" or d["consumer"] == "inventory":
+            continue
+        rings = len(d["actors"])
+        hits += rings if d["event_id"] in seen else rings - 1
+        seen.add(d["event_id"])
+    return hits
 
 
 def test_memory_demo_delivers_the_orders_and_rejects_every_attack() -> None:
@@ -40,11 +81,78 @@ def test_memory_demo_delivers_the_orders_and_rejects_every_attack() -> None:
         assert delivery.scope == ["audit:write"]
         assert delivery.weakest_level == "internal"
     assert {d.weakest_level for d in report.delivered if d.consumer == "inventory"} == {"payments"}
-    # every message that entered a consumer came out handled or dead-lettered
+    # every message that entered a consumer came out handled or dead-lettered, once
     for consumer, count in CONSUMED.items():
         handled = [d for d in report.delivered if d.consumer == consumer]
         dead = [r for r in report.rejected if r.consumer == consumer]
         assert len(handled) + len(dead) == count, consumer
+        assert len({d.event_id for d in handled}) == len(handled), consumer
+
+
+def _scenarios(report: DemoReport) -> dict[str, tuple[list[str], list[str], bool]]:
+    return {s.scenario: (s.consumers, s.event_ids, s.ok) for s in report.scenarios}
+
+
+def test_memory_demo_delivery_scenarios() -> None:
+    report = asyncio.run(run_demo(MemoryBus()))
+    assert report.ok, report.problems
+    scenarios = _scenarios(report)
+    assert list(scenarios) == list(DELIVERY_SCENARIOS)
+    assert all(ok for _, _, ok in scenarios.values())
+    # crash before commit: redelivered to the restarted group, handled once
+    assert scenarios["crash-before-commit"][:2] == (["inventory"], [f"order-{CRASHED_ORDER}"])
+    crashed = [d for d in report.delivered if d.event_id == f"order-{CRASHED_ORDER}"]
+    assert [(d.consumer, d.kind, d.attempt) for d in crashed] == [("inventory", "redelivery", 1)]
+    # the re-published copy: dead-lettered as replayed, the original handled once
+    copy_id = f"order-{REPUBLISHED_ORDER}"
+    replayed = [(r.consumer, r.event_id) for r in report.rejected if r.reason == "replayed"]
+    assert replayed == [("inventory", copy_id)]
+    assert len([d for d in report.delivered if d.event_id == copy_id]) == 1
+    # the failed handler: retried, handled once on attempt 2, nothing dead-lettered for it
+    (failed_id,) = scenarios["retried-handler"][1]
+    retried = [d for d in report.delivered if d.event_id == failed_id]
+    assert [(d.consumer, d.kind, d.attempt) for d in retried] == [("shipping", "retry", 2)]
+    assert all(r.event_id != failed_id for r in report.rejected)
+    others = [d for d in report.delivered if d.consumer == "shipping" and d.event_id != failed_id]
+    assert [d.kind for d in others] == ["first"] * (ORDERS - 2)
+    # the broadcast: each group handled each tracking event once, as a first delivery
+    consumers, events, _ = scenarios["broadcast"]
+    assert consumers == list(BROADCAST_GROUPS) and len(events) == ORDERS - 1
+    for group in BROADCAST_GROUPS:
+        mine = [d for d in report.delivered if d.consumer == group]
+        assert sorted(d.event_id for d in mine) == events
+        assert {d.kind for d in mine} == {"first"}
+        assert {d.type for d in mine} == {"com.example.shipping.dispatched"}
+    # exactly one derived tracking event per order the shipping handler finished
+    assert len(events) == len([d for d in report.delivered if d.consumer == "shipping"])
+    assert _order_numbers(report, failed_id) == [FAILING_ORDER]
+
+
+def _order_numbers(report: DemoReport, event_id: str) -> list[int]:
+    """The order number in the subject of a handled event (customer-<n>)."""
+    return [
+        int(d.subject.rsplit("-", 1)[1])
+        for d in report.delivered
+        if d.event_id == event_id and d.consumer == "shipping"
+    ]
+
+
+def test_memory_demo_counts_follow_from_the_scenarios() -> None:
+    report = asyncio.run(run_demo(MemoryBus()))
+    counts = report.counts
+    assert expected_counts() == {
+        "redeliveries": len(CRASHES),
+        "retries": len(FAILURES),
+        "replays": len(COPIES),
+    }
+    for name, want in expected_counts().items():
+        assert counts[name] == want, name
+    assert counts["dead_lettered"] == len(report.rejected)
+    # accepted admissions: every handled delivery, plus the first delivery
+    # whose handler crashed and the attempt whose handler failed
+    assert counts["verified"] == len(report.delivered) + len(CRASHES) + len(FAILURES)
+    delivered = [dataclasses.asdict(d) for d in report.delivered]
+    assert counts["cache_hits"] >= _cache_hits_at_least(delivered) > 0
 
 
 def test_memory_demo_policy_scenarios() -> None:
@@ -89,6 +197,21 @@ def test_demo_json_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert {(r["scenario"], r["reason"]) for r in document["rejected"]} == set(EXPECTED.items())
     assert all(d["weakest_level"] in {"internal", "payments"} for d in document["delivered"])
     assert len(document["policy_changes"]) == 4
+    # the delivery scenarios, with their outcome
+    assert [(s["scenario"], s["ok"]) for s in document["scenarios"]] == [
+        (name, True) for name in DELIVERY_SCENARIOS
+    ]
+    assert [s["expected"] for s in document["scenarios"]] == list(DELIVERY_SCENARIOS.values())
+    kinds = sorted((d["consumer"], d["kind"], d["attempt"]) for d in document["delivered"])
+    assert ("inventory", "redelivery", 1) in kinds and ("shipping", "retry", 2) in kinds
+    # the counts, derived from the scenario list
+    counts = document["counts"]
+    assert {"redeliveries", "retries", "replays", "cache_hits"} <= set(counts)
+    assert counts["redeliveries"] == len(CRASHES)
+    assert counts["retries"] == len(FAILURES)
+    assert counts["replays"] == len(COPIES)
+    assert counts["cache_hits"] >= _cache_hits_at_least(document["delivered"]) > 0
+    assert counts["dead_lettered"] == len(document["rejected"])
 
 
 def test_demo_human_output(capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,6 +224,17 @@ def test_demo_human_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert "policy: quarantine namespace shop" in out
     assert "2 message(s) waiting in amqp:shipping/order.reserved" in out
     assert "policy: demote shipping to untrusted" in out
+    assert "Delivery semantics" in out
+    for name, expected in DELIVERY_SCENARIOS.items():
+        assert f"{name}" in out and expected in out
+    assert "FAILED" not in out
+    assert "[redelivery]" in out and "[retry, attempt 2]" in out
+    counts = expected_counts()
+    assert (
+        f"{counts['redeliveries']} redelivery(ies), {counts['retries']} retry(ies), "
+        f"{counts['replays']} replay(s) caught"
+    ) in out
+    assert "signature cache" in out
 
 
 def test_demo_refuses_half_a_broker_configuration(capsys: pytest.CaptureFixture[str]) -> None:

@@ -400,8 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("event", metavar="EVENT.json")
     q.set_defaults(func=cmd_policy_explain)
 
-    p = sub.add_parser("demo", help="run the end-to-end demo with attacks mixed in")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser(
+        "demo",
+        help="run the end-to-end demo: attacks, a crash, a retry and a broadcast mixed in",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (with 'scenarios' and 'counts': redeliveries, retries, "
+        "replays, cache_hits...)",
+    )
     p.add_argument("--kafka", metavar="HOST:PORT", help="real Kafka bootstrap server")
     p.add_argument("--amqp", metavar="URL", help="real RabbitMQ URL")
     p.add_argument("-v", "--verbose", action="store_true", help="show the wrappers' log lines")

@@ -7,6 +7,15 @@ the real wrappers (:class:`~trusthop.kafka.TrustedKafkaProducer`,
 :class:`~trusthop.amqp.TrustedPublisher`, :class:`~trusthop.amqp.TrustedWorker`);
 attacks are written with the plain clients, as an attacker with broker access
 would; rejections are read back from the dead-letter topic or queue.
+
+Every consumer name (a Kafka group, the worker of an AMQP queue) keeps one
+replay store for the run and reports to one :class:`~trusthop.metrics.Counters`,
+so the delivery scenarios run here as in memory: inventory's consumer dies
+mid-handler (the handler raises :class:`~trusthop.memory.ConsumerCrash`, which
+leaves the record uncommitted) and a new consumer of the group gets the
+record again; the attacker's copy lands at a new offset (``replayed``);
+shipping's failed handler goes through RabbitMQ's ``<queue>.retry``; two
+groups read the tracking topic.
 """
 
 from __future__ import annotations
@@ -26,14 +35,17 @@ from trusthop.amqp import (
     TrustedPublisher,
     TrustedWorker,
     dead_letter_queue_name,
+    retry_queue_name,
 )
 from trusthop.bindings.amqp import encode_amqp
 from trusthop.bindings.kafka import encode_kafka
 from trusthop.chain import OriginRing
-from trusthop.demo.bus import DeadLetter, Handler, _event_id
+from trusthop.demo.bus import RETRY_DELAY, DeadLetter, Handler, Received, _event_id
 from trusthop.event import WireEvent
 from trusthop.kafka import KafkaDelivery, TrustedKafkaConsumer, TrustedKafkaProducer
-from trusthop.pipeline import H_REASON, ChainSigner, ChainVerifier
+from trusthop.metrics import Counters
+from trusthop.pipeline import H_CONSUMER, H_REASON, ChainSigner, ChainVerifier
+from trusthop.stores import MemoryReplayStore
 from trusthop.verify import VerifiedContext
 
 _TIMEOUT = 60.0
@@ -57,6 +69,8 @@ class BrokerBus:
         self._connection: Any = None
         self._channel: Any = None
         self._queues: dict[str, str] = {}
+        self.counters = Counters()
+        self._stores: dict[str, MemoryReplayStore] = {}
         # Handlers run concurrently (RabbitMQ prefetch): create clients once.
         self._lock = asyncio.Lock()
 
@@ -64,6 +78,9 @@ class BrokerBus:
 
     def kafka(self, topic: str) -> str:
         return f"kafka:trusthop-demo-{topic}-{self.run}"
+
+    def _group(self, consumer: str) -> str:
+        return f"{consumer}-{self.run}"
 
     def amqp(self, exchange: str, routing_key: str) -> str:
         return f"amqp:trusthop-demo-{exchange}-{self.run}/{routing_key}"
@@ -176,41 +193,61 @@ class BrokerBus:
         count: int,
     ) -> None:
         kind, name, _ = self._split(destination)
+        # One store per consumer name for the whole run: what replicas (and a
+        # consumer restarted after a crash) sharing a Redis store would see.
+        store = self._stores.setdefault(consumer, MemoryReplayStore())
         if kind == "kafka":
             kafka = TrustedKafkaConsumer(
                 name,
                 verifier=verifier,
-                group_id=f"{consumer}-{self.run}",
+                group_id=self._group(consumer),
                 bootstrap_servers=self.bootstrap,
                 auto_offset_reset="earliest",
+                replay_store=store,
+                metrics=self.counters,
+                retry_delay=RETRY_DELAY,
                 **self.consumer_options,
             )
 
             async def on_record(delivery: KafkaDelivery) -> None:
-                await handler(delivery.trusted)
+                await handler(Received(delivery.trusted, str(delivery.kind), delivery.attempt))
 
+            # A ConsumerCrash from the handler leaves its record uncommitted
+            # and stops this consumer (the context exit), as a dying process would.
             async with kafka:
                 await asyncio.wait_for(kafka.run(on_record, limit=count), _TIMEOUT)
             return
         queue = await self._queue_for(destination)
-        worker = TrustedWorker(await self._amqp_channel(), verifier=verifier)
+        worker = TrustedWorker(
+            await self._amqp_channel(),
+            verifier=verifier,
+            replay_store=store,
+            metrics=self.counters,
+            retry_delay=RETRY_DELAY,
+        )
 
         _, exchange, routing_key = self._split(destination)
 
         @worker.handler(queue, declare=False, accept_bindings=[(exchange, routing_key)])
         async def on_message(delivery: Delivery) -> None:
-            await handler(delivery.trusted)
+            await handler(Received(delivery.trusted, str(delivery.kind), delivery.attempt))
+
+        def settled() -> int:
+            # Retried messages count once, when handled or dead-lettered at last.
+            stats = worker.stats
+            return stats.delivered + stats.total_dead_lettered + stats.skipped
 
         async with worker:
             async with asyncio.timeout(_TIMEOUT):
                 # The worker's counters are the only signal that covers dead letters too.
-                while worker.stats.delivered + worker.stats.total_dead_lettered < count:  # noqa: ASYNC110
+                while settled() < count:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
 
     async def dead_letters(self, destination: str, *, consumer: str) -> list[DeadLetter]:
         kind, name, _ = self._split(destination)
         if kind == "kafka":
-            return await self._kafka_dead_letters(f"{name}.dlq")
+            written = await self._kafka_dead_letters(f"{name}.dlq")
+            return [letter for group, letter in written if group == self._group(consumer)]
         queue = await self._queue_for(destination)
         channel = await self._amqp_channel()
         dlq = await channel.declare_queue(dead_letter_queue_name(queue), durable=True)
@@ -225,7 +262,8 @@ class BrokerBus:
             )
         return letters
 
-    async def _kafka_dead_letters(self, topic: str) -> list[DeadLetter]:
+    async def _kafka_dead_letters(self, topic: str) -> list[tuple[str | None, DeadLetter]]:
+        """Every dead letter of ``topic`` with the group that wrote it."""
         reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
         await reader.start()
         try:
@@ -241,11 +279,13 @@ class BrokerBus:
                     for records in batch.values():
                         for record in records:
                             headers = list(record.headers or ())
-                            reason = next(
-                                (v.decode() for k, v in headers if k == H_REASON and v is not None),
-                                "?",
+                            own = {k: v.decode() for k, v in headers if v is not None}
+                            letters.append(
+                                (
+                                    own.get(H_CONSUMER),
+                                    DeadLetter(_event_id(headers), own.get(H_REASON, "?")),
+                                )
                             )
-                            letters.append(DeadLetter(_event_id(headers), reason))
             return letters
         finally:
             await reader.stop()
@@ -261,5 +301,6 @@ class BrokerBus:
             for destination, queue in self._queues.items():
                 await channel.queue_delete(queue)
                 await channel.queue_delete(dead_letter_queue_name(queue))
+                await channel.queue_delete(retry_queue_name(queue))
                 await channel.exchange_delete(self._split(destination)[1])
             await self._connection.close()

@@ -10,11 +10,32 @@ from cloudevents.core.v1.event import CloudEvent
 
 from trusthop.chain import OriginRing
 from trusthop.event import WireEvent
-from trusthop.memory import MemoryBroker, MemoryConsumer, MemoryProducer
-from trusthop.pipeline import H_REASON, ChainSigner, ChainVerifier, TrustedEvent
+from trusthop.memory import MemoryBroker, MemoryConsumer, MemoryDelivery, MemoryProducer
+from trusthop.metrics import Counters
+from trusthop.pipeline import H_CONSUMER, H_REASON, ChainSigner, ChainVerifier, TrustedEvent
+from trusthop.stores import MemoryReplayStore
 from trusthop.verify import VerifiedContext
 
-Handler = Callable[[TrustedEvent], Awaitable[None]]
+RETRY_DELAY = 0.05
+"""Seconds before a handler's second attempt, on every transport of the demo."""
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One accepted delivery as the demo's handlers see it, whatever the
+    transport: the verified event, the delivery kind (``first``,
+    ``redelivery``, ``retry``) and the handler attempt (1 for the first)."""
+
+    trusted: TrustedEvent
+    kind: str = "first"
+    attempt: int = 1
+
+    @property
+    def event_id(self) -> str:
+        return str(self.trusted.event.get_id())
+
+
+Handler = Callable[[Received], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +47,17 @@ class DeadLetter:
 
 
 class Bus(Protocol):
-    """The transport operations the demo flow uses."""
+    """The transport operations the demo flow uses.
+
+    Every consumer of one ``consumer`` name (a Kafka group, an AMQP queue's
+    worker, an in-memory group) shares one replay store for the whole run,
+    as replicas sharing a Redis store would, so a consumer started after a
+    crash recognises the redelivery. Every consumer reports its counters to
+    ``counters`` (the sum over all of them).
+    """
 
     name: str
+    counters: Counters
 
     def kafka(self, topic: str) -> str:
         """The destination of a Kafka topic (names may get a per-run suffix)."""
@@ -60,10 +89,17 @@ class Bus(Protocol):
         handler: Handler,
         count: int,
     ) -> None:
-        """Process ``count`` messages (handled or dead-lettered), then return."""
+        """Settle ``count`` messages (handled, dead-lettered, or skipped; a
+        message retried settles once, with its last attempt), then return.
+
+        Raises:
+            ConsumerCrash: raised by ``handler``: the consumer stops at once
+                without committing the message (the next consumer of the
+                same name gets it again as a redelivery).
+        """
 
     async def dead_letters(self, destination: str, *, consumer: str) -> list[DeadLetter]:
-        """What the consumer dead-lettered, read back from its dead-letter destination."""
+        """What ``consumer`` dead-lettered, read back from its dead-letter destination."""
 
     async def close(self) -> None: ...
 
@@ -82,6 +118,8 @@ class MemoryBus:
 
     def __init__(self) -> None:
         self.broker = MemoryBroker()
+        self.counters = Counters()
+        self._stores: dict[str, MemoryReplayStore] = {}
 
     def kafka(self, topic: str) -> str:
         return f"kafka:{topic}"
@@ -114,18 +152,31 @@ class MemoryBus:
         handler: Handler,
         count: int,
     ) -> None:
-        memory = MemoryConsumer(self.broker, destination, verifier=verifier, group_id=consumer)
+        memory = MemoryConsumer(
+            self.broker,
+            destination,
+            verifier=verifier,
+            group_id=consumer,
+            replay_store=self._stores.setdefault(consumer, MemoryReplayStore()),
+            metrics=self.counters,
+            retry_delay=RETRY_DELAY,
+        )
+
+        async def on_delivery(delivery: MemoryDelivery) -> None:
+            await handler(Received(delivery.trusted, str(delivery.kind), delivery.attempt))
+
         done = 0
         while done < count:
-            processed = await memory.drain(handler)
-            if processed == 0:
+            settled = await memory.drain(on_delivery)
+            if settled == 0:
                 raise RuntimeError(f"{consumer}: expected {count} messages, got {done}")
-            done += processed
+            done += settled
 
     async def dead_letters(self, destination: str, *, consumer: str) -> list[DeadLetter]:
         return [
             DeadLetter(_event_id(m.headers), m.header(H_REASON) or "?")
             for m in self.broker.messages(f"{destination}.dlq")
+            if m.header(H_CONSUMER) == consumer
         ]
 
     async def close(self) -> None:

@@ -1,14 +1,17 @@
 """The demo scenario, independent of the transport it runs on.
 
 Three legitimate orders travel gateway → ``kafka:orders`` → inventory →
-``amqp:shipping/order.reserved`` → shipping → ``kafka:audit`` → auditor.
-Attacks and operator actions are mixed in, each expected to end in the
-dead-letter destination with its reason:
+``amqp:shipping/order.reserved`` → shipping → ``kafka:audit`` → auditor;
+shipping also announces each parcel on ``kafka:tracking``, which two
+consumer groups (mailer and tracker) read. Attacks and operator actions are
+mixed in, each expected to end in the dead-letter destination with its
+reason:
 
 ========================  ============  ============================
 scenario                  consumer      expected reason
 ========================  ============  ============================
 tampered-data             inventory     ``event_mismatch``
+republished-copy          inventory     ``replayed``
 replay-other-destination  shipping      ``wrong_destination``
 widened-scope             shipping      ``scope_escalation``
 ring-removed              auditor       ``broken_link``
@@ -20,8 +23,28 @@ quarantine (x2)           shipping      ``segment_quarantined``
 demoted                   auditor       ``insufficient_trust_level``
 ========================  ============  ============================
 
+Delivery semantics (:data:`DELIVERY_SCENARIOS`), each message handled once:
+
+* ``crash-before-commit``: inventory's consumer dies while handling order 1,
+  before committing it; the group's next consumer gets it again as a
+  redelivery, accepts it (no signature check: the ring was accepted before)
+  and handles it once.
+* ``republished-copy``: meanwhile an attacker re-publishes a copy of order 1
+  (read from the topic) into ``kafka:orders``; the group accepted that ring
+  already: ``replayed``, whichever of the two arrives first.
+* ``retried-handler``: shipping's handler fails once for order 2's
+  reservation (a carrier timeout); the message is retried through the retry
+  queue and handled once, on attempt 2.
+* ``broadcast``: the tracking events are read by two consumer groups; each
+  verifies and handles each event once. Each group's verification finds
+  every ring already checked in this process (the signature cache): the
+  chain prefix of one parent is verified once per process, however many
+  derived events and consumers share it.
+
 Consumers accept origin rings from the gateway only: a compromised inventory
 service has a valid key, but cannot start a chain for a user of its choosing.
+Every consumer name keeps one replay store for the whole run (what replicas
+sharing a Redis store do), so a restarted consumer recognises a redelivery.
 
 Every verifier and every legitimate signer uses the demo policy
 (``trusthop/demo/policy.toml``: trust levels, membership, per-destination
@@ -33,11 +56,13 @@ The waiting messages are judged by the new policy when they are consumed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import time
 import tomllib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -46,10 +71,11 @@ from cloudevents.core.v1.event import CloudEvent
 
 from trusthop.bundle import TrustBundle
 from trusthop.chain import Chain, HopRing
-from trusthop.demo.bus import Bus
+from trusthop.demo.bus import Bus, Received
 from trusthop.errors import TrustError
 from trusthop.event import WireEvent
 from trusthop.keys import SigningKey
+from trusthop.memory import ConsumerCrash
 from trusthop.pipeline import ChainSigner, ChainVerifier, TrustedEvent
 from trusthop.policy import Policy, parse_policy
 from trusthop.render import chain_path
@@ -65,6 +91,7 @@ ORDERS = 3
 
 EXPECTED = {
     "tampered-data": "event_mismatch",
+    "republished-copy": "replayed",
     "replay-other-destination": "wrong_destination",
     "widened-scope": "scope_escalation",
     "ring-removed": "broken_link",
@@ -79,6 +106,42 @@ EXPECTED = {
 QUARANTINED = 2
 EXPECTED_COUNT = {"quarantine": QUARANTINED}
 QUARANTINED_NAMESPACE = "shop"
+
+CRASHED_ORDER = 1
+"""The order whose first delivery crashes inventory's consumer before commit
+(published and consumed alone, so the crashed consumer settled nothing)."""
+REPUBLISHED_ORDER = CRASHED_ORDER
+"""The order an attacker re-publishes into ``kafka:orders`` (while the
+consumer that crashed on it is down)."""
+FAILING_ORDER = 2
+"""The order whose reservation fails shipping's handler once."""
+BROADCAST_GROUPS = ("mailer", "tracker")
+"""The consumer groups that both read ``kafka:tracking``."""
+
+DELIVERY_SCENARIOS = {
+    "crash-before-commit": "crashed before commit; redelivered, accepted, handled once",
+    "republished-copy": "the copy rejected as replayed; the original handled once",
+    "retried-handler": "handler failed once; retried, handled once on attempt 2",
+    "broadcast": f"each of {len(BROADCAST_GROUPS)} groups verified and handled each event once",
+}
+"""Scenario → expected outcome."""
+
+COUNTED_AS = {
+    "crash-before-commit": "redeliveries",
+    "retried-handler": "retries",
+    "republished-copy": "replays",
+}
+"""The counter (of :attr:`DemoReport.counts`) each message of a scenario adds one to."""
+
+
+def expected_counts() -> dict[str, int]:
+    """``redeliveries``, ``retries`` and ``replays`` over all consumers: one
+    per message of the scenario that causes it (:data:`COUNTED_AS`), nothing
+    else (no other message is redelivered, retried or copied)."""
+    counts = dict.fromkeys(COUNTED_AS.values(), 0)
+    for scenario, counter in COUNTED_AS.items():
+        counts[counter] += EXPECTED_COUNT.get(scenario, 1)
+    return counts
 
 
 def demo_policy_data() -> dict[str, Any]:
@@ -102,6 +165,9 @@ def demo_policy(
 
 @dataclass
 class Delivery:
+    """One handled delivery; ``kind`` is ``first``, ``redelivery`` or
+    ``retry``, ``attempt`` the handler attempt that succeeded."""
+
     consumer: str
     event_id: str
     type: str
@@ -111,6 +177,20 @@ class Delivery:
     transaction_id: str
     path: str
     weakest_level: str | None = None
+    kind: str = "first"
+    attempt: int = 1
+
+
+@dataclass
+class DeliveryScenario:
+    """A delivery-semantics scenario: what was expected, what was seen."""
+
+    scenario: str
+    consumers: list[str]
+    event_ids: list[str]
+    expected: str
+    observed: str
+    ok: bool
 
 
 @dataclass
@@ -149,6 +229,12 @@ class DemoReport:
     problems: list[str] = field(default_factory=list)
     policy_changes: list[PolicyChange] = field(default_factory=list)
     refused_at_send: list[Refused] = field(default_factory=list)
+    scenarios: list[DeliveryScenario] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    """Over all consumers: ``redeliveries``, ``retries``, ``replays``
+    (rejected or skipped copies), ``cache_hits`` and ``cache_misses``
+    (signature cache), ``verified`` (accepted deliveries, any kind) and
+    ``dead_lettered``."""
 
     @property
     def ok(self) -> bool:
@@ -163,6 +249,8 @@ class DemoReport:
             "problems": self.problems,
             "policy_changes": [dataclasses.asdict(c) for c in self.policy_changes],
             "refused_at_send": [dataclasses.asdict(r) for r in self.refused_at_send],
+            "scenarios": [dataclasses.asdict(c) for c in self.scenarios],
+            "counts": dict(self.counts),
         }
 
 
@@ -227,7 +315,10 @@ async def run_demo(bus: Bus) -> DemoReport:
     orders = bus.kafka("orders")
     shipping = bus.amqp("shipping", "order.reserved")
     audit = bus.kafka("audit")
+    tracking = bus.kafka("tracking")
     injected: dict[tuple[str, str | None], str] = {}
+    crashed: list[str] = []  # event ids whose handler crashed the consumer
+    failed: list[str] = []  # event ids whose handler failed once
 
     async def attack(consumer: str, destination: str, wire: WireEvent, scenario: str) -> None:
         """Write ``wire`` as an attacker would and remember what to expect."""
@@ -236,7 +327,8 @@ async def run_demo(bus: Bus) -> DemoReport:
 
     captured: list[TrustedEvent] = []
 
-    def record(consumer: str, trusted: TrustedEvent) -> None:
+    def record(consumer: str, received: Received) -> None:
+        trusted = received.trusted
         ctx = trusted.context
         report.delivered.append(
             Delivery(
@@ -249,12 +341,15 @@ async def run_demo(bus: Bus) -> DemoReport:
                 ctx.transaction_id,
                 chain_path(ctx.chain),
                 None if trusted.decision is None else trusted.decision.weakest_level,
+                received.kind,
+                received.attempt,
             )
         )
 
     # 1. The gateway verified each user's token (elsewhere) and mints an origin.
     now = time.time()
-    for n in range(1, ORDERS + 1):
+
+    async def place_order(n: int) -> None:
         origin = mint_origin(
             cast.gateway,
             subject=f"user:customer-{n}",
@@ -281,8 +376,13 @@ async def run_demo(bus: Bus) -> DemoReport:
 
     # 2. Inventory reserves stock and tells shipping, narrowing the scope.
 
-    async def on_order(trusted: TrustedEvent) -> None:
-        record("inventory", trusted)
+    async def on_order(received: Received) -> None:
+        trusted = received.trusted
+        if _order_of(trusted) == CRASHED_ORDER and not crashed:
+            crashed.append(received.event_id)
+            seen_in_topic.append(trusted.wire)  # what an attacker reads from the topic
+            raise ConsumerCrash  # the process dies mid-handler
+        record("inventory", received)
         captured.append(trusted)
         reserved = _event(
             "com.example.inventory.reserved",
@@ -297,9 +397,30 @@ async def run_demo(bus: Bus) -> DemoReport:
             scope=["shipping:create", "audit:write"],
         )
 
-    await bus.consume(
-        orders, consumer="inventory", verifier=verifier, handler=on_order, count=ORDERS
-    )
+    async def consume_orders(count: int) -> None:
+        await bus.consume(
+            orders, consumer="inventory", verifier=verifier, handler=on_order, count=count
+        )
+
+    # The first order arrives alone. Inventory's consumer dies while handling
+    # it, before reserving anything or committing.
+    seen_in_topic: list[WireEvent] = []
+    await place_order(CRASHED_ORDER)
+    with contextlib.suppress(ConsumerCrash):
+        await consume_orders(1)
+    owed = len(crashed)  # the crashed order is still uncommitted
+    for n in range(1, ORDERS + 1):
+        if n != CRASHED_ORDER:
+            await place_order(n)
+    # Attack: while inventory is down, a copy of the order it was handling
+    # (read from the topic: same bytes, same chain, same destination) is
+    # re-published into the topic.
+    for wire in seen_in_topic:
+        await attack("inventory", orders, wire, "republished-copy")
+    # The group's next consumer gets the crashed order again (a redelivery),
+    # the other orders, and the copy (replayed, in whichever order the
+    # partitions deliver them: the crashed delivery was already remembered).
+    await consume_orders(owed + ORDERS - 1 + len(seen_in_topic))
 
     # Attack: a valid event copied from kafka:orders into the shipping exchange.
     replay = captured[0].wire
@@ -330,21 +451,58 @@ async def run_demo(bus: Bus) -> DemoReport:
         "shipping", shipping, _with_chain(event, parent.chain.appended(hop)), "widened-scope"
     )
 
-    # 3. Shipping schedules the parcel and reports to the audit topic.
+    # 3. Shipping schedules the parcel, reports to the audit topic and
+    # announces the parcel on the tracking topic: two derived events of one
+    # verified parent. Its handler fails once (a carrier timeout) for one
+    # reservation, which is retried.
     at_shipping: list[TrustedEvent] = []
 
-    async def on_reserved(trusted: TrustedEvent) -> None:
-        record("shipping", trusted)
+    async def on_reserved(received: Received) -> None:
+        trusted = received.trusted
+        order = _order_of(trusted)
+        if order == FAILING_ORDER and received.attempt == 1 and not failed:
+            failed.append(received.event_id)
+            raise TimeoutError("the carrier API timed out")
+        record("shipping", received)
         at_shipping.append(trusted)
         scheduled = _event(
             "com.example.shipping.scheduled",
             "/shipping",
-            {"order": _order_of(trusted), "carrier": "ACME"},
+            {"order": order, "carrier": "ACME"},
         )
         await bus.publish(shipper, audit, scheduled, parent=trusted.context, scope=["audit:write"])
+        dispatched = _event(
+            "com.example.shipping.dispatched",
+            "/shipping",
+            {"order": order, "parcel": f"PARCEL-{order}"},
+        )
+        await bus.publish(
+            shipper, tracking, dispatched, parent=trusted.context, scope=["shipping:create"]
+        )
 
     await bus.consume(
         shipping, consumer="shipping", verifier=verifier, handler=on_reserved, count=ORDERS - 1 + 2
+    )
+
+    # Broadcast: two consumer groups read the tracking topic at the same
+    # time; each verifies and handles every event once.
+    def on_tracking(group: str) -> Callable[[Received], Awaitable[None]]:
+        async def handle(received: Received) -> None:
+            record(group, received)
+
+        return handle
+
+    await asyncio.gather(
+        *(
+            bus.consume(
+                tracking,
+                consumer=group,
+                verifier=verifier,
+                handler=on_tracking(group),
+                count=ORDERS - 1,
+            )
+            for group in BROADCAST_GROUPS
+        )
     )
 
     # Attack: drop the gateway's hop ring from a chain seen at shipping.
@@ -443,8 +601,8 @@ async def run_demo(bus: Bus) -> DemoReport:
     await attack("auditor", audit, narrow, "narrowed-scope")
 
     # 4. The auditor reads the audit topic and keeps every full chain.
-    async def on_audit(trusted: TrustedEvent) -> None:
-        record("auditor", trusted)
+    async def on_audit(received: Received) -> None:
+        record("auditor", received)
 
     await bus.consume(
         audit, consumer="auditor", verifier=verifier, handler=on_audit, count=ORDERS - 1 + 5
@@ -480,8 +638,8 @@ async def run_demo(bus: Bus) -> DemoReport:
         QUARANTINED,
     )
 
-    async def on_late(trusted: TrustedEvent) -> None:
-        record("shipping", trusted)  # not expected: _check reports it
+    async def on_late(received: Received) -> None:
+        record("shipping", received)  # not expected: _check reports it
 
     await bus.consume(
         shipping, consumer="shipping", verifier=verifier, handler=on_late, count=QUARANTINED
@@ -513,15 +671,102 @@ async def run_demo(bus: Bus) -> DemoReport:
         ("inventory", orders),
         ("shipping", shipping),
         ("auditor", audit),
+        *((group, tracking) for group in BROADCAST_GROUPS),
     ):
         for letter in await bus.dead_letters(destination, consumer=consumer):
             scenario = injected.get((consumer, letter.event_id), "unexpected")
             report.rejected.append(Rejected(consumer, scenario, letter.reason, letter.event_id))
+    counters = bus.counters
+    report.counts = {
+        "redeliveries": counters["redelivered"],
+        "retries": counters["retried"],
+        "replays": counters["replayed"],  # copies rejected or skipped
+        "cache_hits": counters["cache_hits"],
+        "cache_misses": counters["cache_misses"],
+        "verified": counters["verified"],
+        "dead_lettered": len(report.rejected),
+    }
+    report.scenarios = _delivery_scenarios(report, crashed=crashed, failed=failed)
     _check(report)
     return report
 
 
+def _delivery_scenarios(
+    report: DemoReport, *, crashed: list[str], failed: list[str]
+) -> list[DeliveryScenario]:
+    """What the delivery-semantics scenarios observed (see :data:`DELIVERY_SCENARIOS`)."""
+
+    def handled(consumer: str, event_id: str) -> list[Delivery]:
+        return [d for d in report.delivered if d.consumer == consumer and d.event_id == event_id]
+
+    def kinds(deliveries: list[Delivery]) -> str:
+        return ", ".join(f"{d.kind} (attempt {d.attempt})" for d in deliveries) or "none"
+
+    out: list[DeliveryScenario] = []
+    crash_id = f"order-{CRASHED_ORDER}"
+    seen = handled("inventory", crash_id)
+    out.append(
+        DeliveryScenario(
+            "crash-before-commit",
+            ["inventory"],
+            [crash_id],
+            DELIVERY_SCENARIOS["crash-before-commit"],
+            f"{len(crashed)} crash(es); handled {len(seen)}x as {kinds(seen)}",
+            crashed == [crash_id] and [d.kind for d in seen] == ["redelivery"],
+        )
+    )
+    copy_id = f"order-{REPUBLISHED_ORDER}"
+    seen = handled("inventory", copy_id)
+    verdicts = [r.reason for r in report.rejected if r.scenario == "republished-copy"]
+    out.append(
+        DeliveryScenario(
+            "republished-copy",
+            ["inventory"],
+            [copy_id],
+            DELIVERY_SCENARIOS["republished-copy"],
+            f"copy dead-lettered as {', '.join(verdicts) or 'nothing'}; "
+            f"handled {len(seen)}x as {kinds(seen)}",
+            verdicts == [EXPECTED["republished-copy"]] and len(seen) == 1,
+        )
+    )
+    seen = [d for event_id in failed for d in handled("shipping", event_id)]
+    out.append(
+        DeliveryScenario(
+            "retried-handler",
+            ["shipping"],
+            list(failed),
+            DELIVERY_SCENARIOS["retried-handler"],
+            f"{len(failed)} failure(s); handled {len(seen)}x as {kinds(seen)}",
+            len(failed) == 1 and [(d.kind, d.attempt) for d in seen] == [("retry", 2)],
+        )
+    )
+    per_group = {
+        group: sorted(d.event_id for d in report.delivered if d.consumer == group)
+        for group in BROADCAST_GROUPS
+    }
+    events = sorted(set().union(*map(set, per_group.values())))
+    out.append(
+        DeliveryScenario(
+            "broadcast",
+            list(BROADCAST_GROUPS),
+            events,
+            DELIVERY_SCENARIOS["broadcast"],
+            "; ".join(f"{g} handled {len(ids)} of {len(events)}" for g, ids in per_group.items()),
+            len(events) == ORDERS - 1 and all(ids == events for ids in per_group.values()),
+        )
+    )
+    return out
+
+
 def _check(report: DemoReport) -> None:
+    for outcome in report.scenarios:
+        if not outcome.ok:
+            report.problems.append(
+                f"{outcome.scenario}: expected {outcome.expected}, got {outcome.observed}"
+            )
+    for name, want_count in expected_counts().items():
+        if report.counts.get(name) != want_count:
+            report.problems.append(f"{name}: {report.counts.get(name)}, expected {want_count}")
     got: dict[str, list[str]] = {}
     for r in report.rejected:
         got.setdefault(r.scenario, []).append(r.reason)
@@ -532,12 +777,12 @@ def _check(report: DemoReport) -> None:
     total = sum(EXPECTED_COUNT.get(scenario, 1) for scenario in EXPECTED)
     if len(report.rejected) != total:
         report.problems.append(f"{len(report.rejected)} rejections, expected {total}")
-    shipped = [d for d in report.delivered if d.consumer == "shipping"]
-    if len(shipped) != ORDERS - 1:
-        report.problems.append(f"shipping saw {len(shipped)} events, expected {ORDERS - 1}")
+    # Each legitimate event handled exactly once by each of its consumers.
+    for consumer in ("inventory", "shipping", "auditor", *BROADCAST_GROUPS):
+        ids = [d.event_id for d in report.delivered if d.consumer == consumer]
+        if len(ids) != ORDERS - 1 or len(set(ids)) != len(ids):
+            report.problems.append(f"{consumer} handled {ids}, expected {ORDERS - 1} events once")
     audited = [d for d in report.delivered if d.consumer == "auditor"]
-    if len(audited) != ORDERS - 1:
-        report.problems.append(f"auditor saw {len(audited)} events, expected {ORDERS - 1}")
     for d in audited:
         if d.actors != [GATEWAY, GATEWAY, INVENTORY, SHIPPING]:
             report.problems.append(f"{d.event_id}: unexpected path {d.actors}")

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from trusthop.demo.flow import DemoReport
+from trusthop.demo.flow import Delivery, DemoReport
 from trusthop.render import short_name
 
 
+def _how(d: Delivery) -> str:
+    """`` [redelivery]`` / `` [retry, attempt 2]`` for anything but a first delivery."""
+    if d.kind == "first" and d.attempt == 1:
+        return ""
+    if d.kind == "retry":
+        return f"  [retry, attempt {d.attempt}]"
+    return f"  [{d.kind}]"
+
+
 def print_report(report: DemoReport, out: TextIO) -> None:
-    """Each delivery as a readable path, each rejection with its reason."""
+    """Each delivery as a readable path, each rejection with its reason, the
+    delivery-semantics scenarios with what they showed, the counters."""
     out.write(f"trusthop demo on the {report.transport} transport\n\n")
     out.write("Delivered (verified before the handler ran):\n")
     for d in report.delivered:
@@ -17,7 +27,7 @@ def print_report(report: DemoReport, out: TextIO) -> None:
         out.write(
             f"  {d.consumer:<9} {d.type:<32} for {d.subject:<16} "
             f"path: {short_name(d.actors[0])}[origin] → {path}  scope: {' '.join(d.scope)}"
-            f"  weakest: {d.weakest_level or '-'}\n"
+            f"  weakest: {d.weakest_level or '-'}{_how(d)}\n"
         )
     if report.policy_changes:
         out.write(
@@ -33,6 +43,22 @@ def print_report(report: DemoReport, out: TextIO) -> None:
         out.write("\nRefused before signing (the producer checks the same policy):\n")
         for refused in report.refused_at_send:
             out.write(f"  {refused.producer:<9} {refused.scenario:<26} → {refused.reason}\n")
+    if report.scenarios:
+        out.write("\nDelivery semantics (at least once on the wire, each message handled once):\n")
+        for s in report.scenarios:
+            mark = "ok" if s.ok else "FAILED"
+            out.write(f"  {s.scenario:<20} {', '.join(s.consumers):<16} {s.expected}\n")
+            out.write(f"  {'':<20} {'':<16} {mark}: {s.observed}\n")
+    if report.counts:
+        n = report.counts
+        out.write(
+            "\nCounters (all consumers): "
+            f"{n.get('redeliveries', 0)} redelivery(ies), {n.get('retries', 0)} retry(ies), "
+            f"{n.get('replays', 0)} replay(s) caught, "
+            f"{n.get('verified', 0)} handler runs admitted (crashed and failed ones included); "
+            f"signature cache {n.get('cache_hits', 0)} hits / {n.get('cache_misses', 0)} misses "
+            "(a ring verified once is not checked again in this process)\n"
+        )
     audited = [d for d in report.delivered if d.consumer == "auditor"]
     if audited:
         out.write("\nFull chains seen by the auditor:\n")
@@ -44,7 +70,8 @@ def print_report(report: DemoReport, out: TextIO) -> None:
         out.write(
             f"OK: {len(report.delivered)} deliveries verified, "
             f"{len(report.rejected)} attacks and policy refusals dead-lettered, "
-            f"{len(report.policy_changes)} policy changes, nothing lost.\n"
+            f"{len(report.policy_changes)} policy changes, "
+            f"{len(report.scenarios)} delivery scenarios held, nothing lost.\n"
         )
     else:
         out.write("PROBLEMS:\n")
