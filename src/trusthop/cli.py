@@ -1,4 +1,4 @@
-"""The ``trusthop`` command line: keygen, emit, inspect, verify, policy, demo.
+"""The ``trusthop`` command line: keygen, emit, bundle, inspect, verify, policy, demo.
 
 Exit codes: 0 success, 1 a message was rejected or denied by policy (or the
 demo saw a broken expectation, or ``policy check`` found errors), 2 bad usage
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import logging
 import sys
@@ -18,12 +19,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from trusthop.bindings.structured import decode_structured, encode_structured
-from trusthop.bundle import BundleError, TrustBundle
+from trusthop.bundle import BundleError, BundleKey, TrustBundle, merge
 from trusthop.chain import decode_chain
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
-from trusthop.keys import SigningKey
+from trusthop.keys import ED25519, ES256, PublicKey, SigningKey
 from trusthop.pipeline import ChainSigner, ChainVerifier
 from trusthop.policy import Policy, PolicyError, evaluate, load_policy
 from trusthop.render import (
@@ -100,7 +104,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot use {out} as the output directory: {exc.strerror}") from exc
-    key = SigningKey.generate()
+    key = SigningKey.generate(ES256 if args.alg == "es256" else ED25519)
     identity = Identity.create(args.actor, key)
     bundle_path = out / "bundle.jwks.json"
     bundle = _bundle(str(bundle_path)) if bundle_path.exists() else TrustBundle()
@@ -120,6 +124,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         json.dumps(
             {
                 "actor": args.actor,
+                "alg": key.alg,
                 "kid": identity.kid,
                 "key": str(key_path),
                 "bundle": str(bundle_path),
@@ -129,11 +134,26 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_emit(args: argparse.Namespace) -> int:
+def _identity(args: argparse.Namespace) -> Identity:
+    """The signing identity of ``emit``: a key and ``--actor``, or an SVID."""
+    if args.svid:
+        try:
+            identity = Identity.from_svid_files(args.svid, args.key)
+        except (OSError, ValueError, TypeError) as exc:
+            raise UsageError(f"cannot use SVID {args.svid} with key {args.key}: {exc}") from exc
+        if args.actor and args.actor != identity.actor:
+            raise UsageError(f"--actor {args.actor} is not the SVID's SPIFFE ID {identity.actor}")
+        return identity
+    if not args.actor:
+        raise UsageError("give --actor (or --svid, whose SPIFFE ID is the actor)")
     try:
-        identity = Identity.create(args.actor, SigningKey.load(args.key))
+        return Identity.create(args.actor, SigningKey.load(args.key))
     except (OSError, ValueError, TypeError) as exc:  # TypeError: an encrypted PEM
         raise UsageError(f"cannot load key {args.key}: {exc}") from exc
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    identity = _identity(args)
     wire = _event_file(args.event)
     event = wire.to_cloudevent()
     signer = ChainSigner(identity, hop_ttl=args.ttl)
@@ -166,6 +186,85 @@ def cmd_emit(args: argparse.Namespace) -> int:
                 event, destination=args.dest, parent=chain, scope=scope, consumed_event_id=parent.id
             )
     sys.stdout.write(encode_structured(sealed).decode("utf-8") + "\n")
+    return EXIT_OK
+
+
+def _public_key_file(path: str) -> PublicKey:
+    """A public key from a PEM file (public or private key) or a JWK file."""
+    data = _read(path)
+    try:
+        if data.lstrip().startswith(b"{"):
+            return PublicKey.from_jwk(json.loads(data))
+        if b"PRIVATE KEY" in data:
+            return SigningKey.from_pem(data).public_key
+        return PublicKey.of(serialization.load_pem_public_key(data))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{path}: not an Ed25519 or P-256 key: {exc}") from exc
+
+
+def _ca_file(path: str) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(_read(path))
+    except ValueError as exc:
+        raise UsageError(f"{path}: not PEM certificates: {exc}") from exc
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """Build one trust domain's SPIFFE bundle from keys and CA certificates,
+    merged with existing bundles or bundle maps; print a bundle map."""
+    parts = [_bundle(path) for path in args.merge]
+    entries = []
+    for spec in args.key:
+        actor, eq, path = spec.partition("=")
+        if not eq:
+            raise UsageError(f"--key {spec!r}: write SPIFFE_ID=KEY_FILE")
+        try:
+            validate_spiffe_id(actor)
+        except ValueError as exc:
+            raise UsageError(f"--key {spec!r}: {exc}") from exc
+        key = _public_key_file(path)
+        entries.append(BundleKey(key.thumbprint, actor, key))
+    authorities = [cert for path in args.ca for cert in _ca_file(path)]
+    if entries or authorities or args.revoke or args.revoke_segment:
+        if not args.trust_domain:
+            raise UsageError("--trust-domain names the bundle that --key/--ca/--revoke build")
+        document: dict[str, Any] = {
+            "keys": [
+                entry.key.to_jwk() | {"kid": entry.kid, "use": "sig", "spiffe_id": entry.actor}
+                for entry in entries
+            ]
+            + [
+                {
+                    "use": "x509-svid",
+                    "x5c": [
+                        base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii")
+                    ],
+                }
+                for c in authorities
+            ],
+            "revoked_actors": args.revoke,
+            "revoked_segments": args.revoke_segment,
+        }
+        if args.sequence is not None:
+            document["spiffe_sequence"] = args.sequence
+        try:
+            parts.append(TrustBundle.from_document({args.trust_domain: document}))
+        except BundleError as exc:
+            raise UsageError(str(exc)) from exc
+    if not parts:
+        raise UsageError("nothing to put in the bundle: give --key, --ca or --merge")
+    try:
+        bundle = merge(parts)
+    except BundleError as exc:
+        raise UsageError(str(exc)) from exc
+    text = json.dumps(bundle.to_map(), indent=2) + "\n"
+    if args.out:
+        try:
+            Path(args.out).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.out}: {exc.strerror}") from exc
+    else:
+        sys.stdout.write(text)
     return EXIT_OK
 
 
@@ -331,14 +430,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("keygen", help="create an Ed25519 key and add it to DIR/bundle.jwks.json")
+    p = sub.add_parser("keygen", help="create a ring key and add it to DIR/bundle.jwks.json")
     p.add_argument("--actor", required=True, type=_spiffe, help="the workload's SPIFFE ID")
+    p.add_argument("--alg", choices=["ed25519", "es256"], default="ed25519")
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("emit", help="sign a structured-mode CloudEvent (origin or derived)")
-    p.add_argument("--key", required=True, metavar="KEY.pem")
-    p.add_argument("--actor", required=True, type=_spiffe)
+    p.add_argument("--key", required=True, metavar="KEY.pem", help="the private key")
+    p.add_argument("--actor", type=_spiffe, help="the signer's SPIFFE ID (not with --svid)")
+    p.add_argument(
+        "--svid",
+        metavar="CERT.pem",
+        help="sign as this X.509-SVID (leaf then intermediates; --key is its key)",
+    )
     p.add_argument("--dest", required=True, help="destination, e.g. kafka:orders")
     p.add_argument("--scope", action="append", default=[], metavar="S")
     who = p.add_mutually_exclusive_group(required=True)
@@ -353,6 +458,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=_positive_int, default=24 * 3600, help="ring lifetime in seconds")
     p.add_argument("event", metavar="EVENT.json")
     p.set_defaults(func=cmd_emit)
+
+    p = sub.add_parser(
+        "bundle",
+        help="build or merge SPIFFE trust bundles; prints a bundle map",
+        description="Build one trust domain's SPIFFE bundle from ring keys and X.509 "
+        "authorities, merge it with existing bundles or bundle maps, and print the "
+        "result as a bundle map (trust domain -> SPIFFE bundle).",
+    )
+    p.add_argument("--trust-domain", help="the trust domain of --key/--ca/--revoke")
+    p.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="SPIFFE_ID=FILE",
+        help="a ring key (PEM public or private key, or JWK) bound to a workload",
+    )
+    p.add_argument(
+        "--ca",
+        action="append",
+        default=[],
+        metavar="CA.pem",
+        help="X.509 authorities (PEM, one or more certificates)",
+    )
+    p.add_argument("--revoke", action="append", default=[], metavar="SPIFFE_ID", type=_spiffe)
+    p.add_argument(
+        "--revoke-segment",
+        action="append",
+        default=[],
+        metavar="SPIFFE_ID",
+        type=_spiffe,
+        help="revoke this SPIFFE ID and everything below it",
+    )
+    p.add_argument("--sequence", type=int, help="spiffe_sequence of the built bundle")
+    p.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        metavar="BUNDLE.json",
+        help="existing bundles or bundle maps to merge",
+    )
+    p.add_argument("--out", metavar="FILE", help="write here instead of stdout")
+    p.set_defaults(func=cmd_bundle)
 
     p = sub.add_parser("inspect", help="decode and show a chain (no verification)")
     p.add_argument("file", metavar="FILE|-")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
+
+from cryptography import x509
 
 from trusthop.canonical import b64url_encode
 from trusthop.chain import Chain, HopRing, OriginRing
@@ -55,7 +58,32 @@ def ring_json(ring: OriginRing | HopRing, index: int, ring_hash: bytes) -> dict[
             out["consumed_event_id"] = ring.consumed_event_id
         if ring.peer is not None:
             out["peer"] = ring.peer
+    if ring.x5c is not None:
+        out["x5c"] = [_certificate_json(der) for der in ring.x5c]
     return out
+
+
+def _certificate_json(der: bytes) -> dict[str, Any]:
+    """What ``inspect`` shows of one certificate (unverified: it may not parse)."""
+    out: dict[str, Any] = {"sha256": hashlib.sha256(der).hexdigest(), "bytes": len(der)}
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        uris = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.UniformResourceIdentifier)
+        out |= {
+            "uri_san": [_safe(u) for u in uris],
+            "not_before": cert.not_valid_before_utc.isoformat(),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+        }
+    except Exception:
+        out["unparsable"] = True
+    return out
+
+
+def _safe(text: str) -> str:
+    """Printable ASCII only: a certificate's text must not forge output lines."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:300]
 
 
 def chain_json(chain: Chain) -> list[dict[str, Any]]:
@@ -88,6 +116,9 @@ def chain_text(chain: Chain) -> str:
                 lines.append(f"    derived from event {ring['consumed_event_id']}")
         lines.append(f"    scope {' '.join(ring['scope']) or '(none)'}")
         lines.append(f"    valid {window}  kid {ring['kid']}")
+        for cert in ring.get("x5c", ()):
+            san = ", ".join(cert.get("uri_san", [])) or "(unparsable)"
+            lines.append(f"    x5c {san}  sha256 {cert['sha256'][:16]}…")
     return "\n".join(lines)
 
 
