@@ -1233,18 +1233,33 @@ async def test_a_copy_of_a_handled_message_is_rejected_or_skipped(on_replay: str
         assert letter.headers[H_DESTINATION] == DESTINATION
 
 
+class Died(BaseException):
+    """The worker process dies here."""
+
+
 async def test_a_redelivery_is_handled_again_and_flagged() -> None:
     channel = LadderChannel([])
     worker, calls = await failing_worker(channel, fail=0)
     first = valid()
-    await channel.deliver("billing", first)
+
+    async def die() -> None:
+        raise Died
+
+    first.ack = die  # type: ignore[method-assign]  # dies before its ack reaches RabbitMQ
+    with pytest.raises(Died):
+        await channel.deliver("billing", first)
     again = first.again()
     await channel.deliver("billing", again)
     assert [(d.kind, d.redelivered) for d in calls] == [
         (DeliveryKind.FIRST, False),
         (DeliveryKind.REDELIVERY, True),
     ]
-    assert worker.counters["redelivered"] == 1 and worker.stats.delivered == 2
+    assert worker.counters["redelivered"] == 1 and worker.stats.delivered == 1
+    # Acked now: a copy flagged redelivered (consumed and nacked by someone
+    # else on the queue) is a replay, not another redelivery.
+    late = first.again()
+    await channel.deliver("billing", late)
+    assert len(calls) == 2 and channel.dlx.published[-1].headers[H_REASON] == "replayed"
 
 
 async def test_without_a_store_every_delivery_is_a_first_one() -> None:

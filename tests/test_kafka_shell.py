@@ -753,6 +753,7 @@ async def test_handler_failure_dead_letters_after_max_attempts() -> None:
         "retried": 1,
         "commit_failures": 0,
         "dead_letter_stubs": 0,
+        "foreign_retries": 0,
         "dead_lettered": {"handler_failed": 1},
     }
 

@@ -15,12 +15,19 @@ Every transport (Kafka, RabbitMQ, in-memory) hands each decoded delivery to
    holds at that moment, so two replicas racing on two copies accept one.
 
 A replay raises ``replayed`` or, with ``on_replay="skip"``, returns ``None``.
-Store failures fail closed with ``store_unavailable``. Counters go to
+Store failures (a :class:`~trusthop.stores.base.StoreError`, any other
+exception a store raises, or no answer within ``store_timeout``) fail closed
+with ``store_unavailable``. A transport whose redeliveries are told only by a
+flag (RabbitMQ) calls :meth:`Admission.settle` once a delivery is acked, so
+that a flagged copy after it is a replay. Counters go to
 :attr:`Admission.counters` and to an optional :class:`~trusthop.metrics.Metrics`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -39,12 +46,19 @@ from trusthop.replay import (
     accepted,
     classify,
     expires_at,
+    settled,
     sighting_key,
     with_retry,
 )
 from trusthop.stores.base import ReplayStore, StoreError, StoreFull
 
 T = TypeVar("T")
+
+DEFAULT_STORE_TIMEOUT = 30.0
+"""Seconds one replay store call may take before it fails closed
+(``store_unavailable``): a store that hangs must not stall a consumer."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +95,14 @@ class Admission:
         remember: seconds a sighting is kept after its first delivery at
             least, beyond the chain's own validity.
         metrics: an extra sink for the counters.
+        store_timeout: seconds one store call may take (``None``: no limit);
+            past it the delivery fails closed with ``store_unavailable``, so a
+            store that hangs (a client without socket timeouts, a black-holed
+            network) cannot stall the consumer.
 
     Raises:
-        ValueError: ``max_uses < 1``, negative ``remember``, unknown ``on_replay``.
+        ValueError: ``max_uses < 1``, negative ``remember``, unknown ``on_replay``,
+            a ``store_timeout`` that is not a positive number of seconds.
     """
 
     def __init__(
@@ -96,11 +115,14 @@ class Admission:
         on_replay: OnReplay | str = OnReplay.REJECT,
         remember: float = DEFAULT_REMEMBER,
         metrics: Metrics | None = None,
+        store_timeout: float | None = DEFAULT_STORE_TIMEOUT,
     ) -> None:
         if max_uses < 1:
             raise ValueError("max_uses must be at least 1")
         if remember < 0:
             raise ValueError("remember must not be negative")
+        if store_timeout is not None and not (math.isfinite(store_timeout) and store_timeout > 0):
+            raise ValueError("store_timeout must be a positive number of seconds (or None)")
         self.verifier = verifier
         self.scope = scope
         self.store = store
@@ -109,6 +131,7 @@ class Admission:
         self.remember = remember
         self.counters = Counters()
         self.metrics = metrics
+        self.store_timeout = store_timeout
 
     def count(self, name: str, amount: int = 1, *, reason: str | None = None) -> None:
         """Add to a counter here and in the extra sink (wrappers count
@@ -278,15 +301,88 @@ class Admission:
             await self._call(store.update(admitted.key, change))
         self.count("retried")
 
-    @staticmethod
-    async def _call(pending: Awaitable[T]) -> T:
-        """Await a store call, failing closed with ``store_unavailable``."""
+    async def peek(self, wire: WireEvent, delivery: DeliveryInfo) -> DeliveryKind | None:
+        """What ``delivery`` would be to this scope, from what the store holds
+        now, without verifying or recording anything; ``None`` without a store.
+
+        A hint, not a verdict (the kind :meth:`admit` finds is the one that
+        counts): the Kafka consumer asks it before it waits for a retry copy
+        that is not due, and waits only for a retry this scope expects.
+
+        Raises:
+            TrustError: the event or its chain does not decode (``malformed``,
+                ``missing_chain``, ``too_large``, ``depth_exceeded``), or
+                ``store_unavailable``.
+        """
+        chain = self.verifier.prepare(wire)[1]
+        store = self.store
+        if store is None:
+            return None
+        sighting = _parse(await self._call(store.get(sighting_key(self.scope, chain))))
+        return classify(sighting, delivery, max_uses=self.max_uses)
+
+    async def settle(self, admitted: Admitted) -> None:
+        """Record that ``admitted`` is settled: acked after its handler
+        returned, after its retry copy was confirmed, or after it was
+        dead-lettered (call after the ack).
+
+        A broker that tells redeliveries only by a flag anyone allowed to
+        consume can cause (RabbitMQ: consume a copy, ``nack`` it) needs it:
+        once no accepted delivery of a ring is open, a copy flagged
+        ``redelivered`` is judged a replay, not a redelivery. Transports
+        whose deliveries have a broker identity (Kafka offsets) need not
+        call it. Nothing is written when replay detection is off or the
+        sighting is gone.
+
+        Raises:
+            TrustError: ``store_unavailable`` (the delivery then stays open:
+                a flagged copy of it is still taken for a redelivery).
+        """
+        store = self.store
+        if store is None or admitted.sighting is None:
+            return
+        now = self.verifier.now()
+
+        def change(current: bytes | None) -> tuple[bytes | None, float]:
+            held = _parse(current)
+            if held is None or held.open == 0:
+                return None, 0.0
+            new = settled(held)
+            return new.encode(), new.expires_at - now
+
+        await self._call(store.update(admitted.key, change))
+
+    async def _call(self, pending: Awaitable[T]) -> T:
+        """Await a store call, failing closed with ``store_unavailable``.
+
+        A store that raises anything else than a
+        :class:`~trusthop.stores.base.StoreError` (a client library's own
+        error, a bug), or does not answer within ``store_timeout`` seconds,
+        fails closed the same way (logged); a :class:`TrustError` raised by
+        the ``change`` function (a corrupt entry) keeps its own message.
+        """
+        scope = asyncio.timeout(self.store_timeout)
         try:
-            return await pending
+            async with scope:
+                return await pending
+        except TrustError:
+            raise
         except StoreFull as exc:
             raise TrustError(Reason.STORE_UNAVAILABLE, f"replay store full: {exc}") from None
         except StoreError as exc:
             raise TrustError(Reason.STORE_UNAVAILABLE, f"replay store failed: {exc}") from None
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and scope.expired():
+                log.warning("the replay store did not answer within %g s", self.store_timeout)
+                raise TrustError(
+                    Reason.STORE_UNAVAILABLE,
+                    f"the replay store did not answer within {self.store_timeout:g} s",
+                ) from None
+            log.exception("the replay store raised %s outside its contract", type(exc).__name__)
+            raise TrustError(
+                Reason.STORE_UNAVAILABLE,
+                f"replay store failed unexpectedly: {type(exc).__name__}",
+            ) from None
 
 
 def _parse(value: bytes | None) -> Sighting | None:

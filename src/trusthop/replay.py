@@ -12,8 +12,14 @@ it accepted, a consumer scope keeps one :class:`Sighting` in a replay store
   its allowed uses). Verified in full, judged at the current time.
 * ``redelivery``: the broker says it is the same message: Kafka gives the
   same topic-partition-offset (:attr:`DeliveryInfo.id`), RabbitMQ sets its
-  ``redelivered`` flag (a publisher cannot set it). Accepted again without
-  checking signatures (the ring's hash, which covers them, equals the
+  ``redelivered`` flag. A publisher cannot set that flag, but anyone allowed
+  to consume from the queue can (consume a copy, ``nack`` it), so the flag
+  is believed only while an accepted delivery of the ring is still *open*:
+  accepted and not yet settled (:func:`settled`, recorded by the consumer
+  once it acked the message). A delivery that died before its ack stays
+  open, so its redelivery is accepted; a flagged copy after the ack is a
+  replay. A redelivery is accepted again without checking signatures (the
+  ring's hash, which covers them, equals the
   remembered one, and every link is re-checked), judged at the *first*
   delivery's time so waiting never expires it; revocation, bindings, digest,
   destination and policy are checked again.
@@ -100,7 +106,10 @@ class Sighting:
     distinct deliveries were accepted as ``first``; ``deliveries`` their ids
     (and those of retries); ``retry_pending`` the attempt number of a retry
     the consumer published and has not seen back yet (0: none);
-    ``expires_at`` when the store may drop it (verifier clock).
+    ``expires_at`` when the store may drop it (verifier clock); ``open`` how
+    many accepted deliveries (first ones and retries) were not settled yet
+    (:func:`settled`): while one is, a delivery flagged ``redelivered`` may
+    be its redelivery.
     """
 
     first_seen: float
@@ -109,18 +118,20 @@ class Sighting:
     deliveries: tuple[str, ...] = ()
     retry_pending: int = 0
     expires_at: float = 0.0
+    open: int = 1
 
     def encode(self) -> bytes:
-        """Compact msgpack form, as stored."""
+        """Compact msgpack form, as stored (format 2)."""
         return msgpack.packb(
             [
-                1,
+                2,
                 self.first_seen,
                 self.destination,
                 self.uses,
                 list(self.deliveries),
                 self.retry_pending,
                 self.expires_at,
+                self.open,
             ],
             use_bin_type=True,
         )
@@ -129,17 +140,23 @@ class Sighting:
     def decode(cls, data: bytes) -> Sighting:
         """Parse :meth:`encode`'s output.
 
+        Format 1 (written before ``open`` existed) reads with ``open=1``: a
+        redelivery of it is believed, as it was when it was written.
+
         Raises:
             ValueError: anything else (a store holding foreign or corrupt
                 data under a trusthop key).
         """
         try:
             item: Any = msgpack.unpackb(data, raw=False, strict_map_key=True)
-            version, first_seen, destination, uses, deliveries, retry, expires = item
+            if isinstance(item, list) and len(item) == 7 and type(item[0]) is int:
+                item = [2 if item[0] == 1 else None, *item[1:], 1]
+            version, first_seen, destination, uses, deliveries, retry, expires, open_ = item
         except Exception as exc:  # any decode or unpacking failure
             raise ValueError(f"not a trusthop sighting: {type(exc).__name__}") from None
         valid = (
-            version == 1
+            type(version) is int
+            and version == 2
             and isinstance(first_seen, (int, float))
             and not isinstance(first_seen, bool)
             and math.isfinite(first_seen)
@@ -151,10 +168,14 @@ class Sighting:
             and isinstance(retry, int)
             and retry >= 0
             and isinstance(expires, (int, float))
+            and isinstance(open_, int)
+            and open_ >= 0
         )
         if not valid:
             raise ValueError("not a trusthop sighting: unexpected field types")
-        return cls(float(first_seen), destination, uses, tuple(deliveries), retry, float(expires))
+        return cls(
+            float(first_seen), destination, uses, tuple(deliveries), retry, float(expires), open_
+        )
 
 
 def sighting_key(scope: str, chain: Chain) -> str:
@@ -177,7 +198,10 @@ def classify(
 
     Order matters: a delivery id already seen is a redelivery even when it
     carries a retry number (a retry redelivered after a crash), and
-    RabbitMQ's flag wins over the retry number for the same reason.
+    RabbitMQ's flag wins over the retry number for the same reason, but only
+    while a delivery is open (``sighting.open``): a flagged copy after every
+    accepted delivery was settled is judged on its other facts (a retry
+    number the scope expects, another allowed use, or a replay).
     """
     if max_uses < 1:
         raise ValueError("max_uses must be at least 1")
@@ -185,7 +209,7 @@ def classify(
         return DeliveryKind.FIRST
     if delivery.id is not None and delivery.id in sighting.deliveries:
         return DeliveryKind.REDELIVERY
-    if delivery.redelivered:
+    if delivery.redelivered and sighting.open > 0:
         return DeliveryKind.REDELIVERY
     if delivery.retry:
         if delivery.retry == sighting.retry_pending:
@@ -229,7 +253,7 @@ def accepted(
     if kind is DeliveryKind.REPLAY:
         return None
     if sighting is None:
-        return Sighting(now, destination, 1, _with_id((), delivery.id), 0, expires)
+        return Sighting(now, destination, 1, _with_id((), delivery.id), 0, expires, 1)
     lifetime = max(sighting.expires_at, expires)
     if kind is DeliveryKind.FIRST:
         return replace(
@@ -237,6 +261,7 @@ def accepted(
             uses=sighting.uses + 1,
             deliveries=_with_id(sighting.deliveries, delivery.id),
             expires_at=lifetime,
+            open=sighting.open + 1,
         )
     if kind is DeliveryKind.RETRY:
         return replace(
@@ -244,10 +269,20 @@ def accepted(
             deliveries=_with_id(sighting.deliveries, delivery.id),
             retry_pending=0,
             expires_at=lifetime,
+            open=sighting.open + 1,
         )
+    # A redelivery continues a delivery that was accepted and never settled
+    # (it is still counted in ``open``): nothing new is open.
     return replace(
         sighting, deliveries=_with_id(sighting.deliveries, delivery.id), expires_at=lifetime
     )
+
+
+def settled(sighting: Sighting) -> Sighting:
+    """``sighting`` once one accepted delivery of it was settled (acked after
+    its handler returned, its retry copy was confirmed, or it was
+    dead-lettered): one fewer is open, never fewer than none."""
+    return replace(sighting, open=max(sighting.open - 1, 0))
 
 
 def with_retry(sighting: Sighting, attempt: int) -> Sighting:

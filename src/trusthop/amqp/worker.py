@@ -10,10 +10,15 @@ Delivery contract of :class:`TrustedWorker`, per message:
    worker's replay store:
 
    * a first delivery is verified in full and remembered;
-   * a *redelivery* (RabbitMQ's ``redelivered`` flag, which no publisher can
-     set) of a remembered message is accepted again without the signature
-     checks, judged at its first delivery's time (waiting never expires it),
-     with revocation, bindings, destination and policy checked again;
+   * a *redelivery* (RabbitMQ's ``redelivered`` flag) of a remembered
+     message is accepted again without the signature checks, judged at its
+     first delivery's time (waiting never expires it), with revocation,
+     bindings, destination and policy checked again. No publisher can set
+     the flag, but anyone who may consume from the queue can (take a copy,
+     ``nack`` it), so it is believed only while an accepted delivery of the
+     event is still open: the worker records each ack in the replay store
+     (:meth:`~trusthop.admission.Admission.settle`), and a flagged copy
+     after it is a replay (or the retry the store expects);
    * a *retry* (see 4.) is judged like a redelivery, against the destination
      remembered at its first delivery;
    * any other copy of a remembered message is a *replay*: dead-lettered
@@ -36,7 +41,8 @@ Delivery contract of :class:`TrustedWorker`, per message:
 3. an admitted message goes to the handler as a :class:`Delivery` (which
    says its :class:`~trusthop.replay.DeliveryKind`, whether the handler may
    have run for it before, and its attempt); it is acked after the handler
-   returns;
+   returns, then recorded as settled in the replay store (a failure there is
+   logged: the delivery then stays open, see 1.);
 
 4. a handler that raises on attempt ``n < max_attempts`` is retried
    (``retry_queue=True``, the default) through ``<queue>.retry``: the
@@ -688,7 +694,7 @@ class TrustedWorker:
             if self.retry_queue:
                 await self._handle_once(route, delivery, admitted, source)
             else:
-                await self._handle_in_process(route, delivery, source)
+                await self._handle_in_process(route, delivery, admitted, source)
 
     def _signed_destination(self, message: AbstractIncomingMessage) -> str | None:
         return signed_destination(
@@ -705,10 +711,12 @@ class TrustedWorker:
         except Exception as exc:
             self._handler_failed(route.queue, delivery.attempt, exc)
             if message.processed:  # the handler settled the message itself
+                await self._settle(route.queue, admitted)
                 return
             if delivery.attempt < self.max_attempts:
                 problem = await self._retry(route.queue, delivery, admitted)
                 if problem is None:
+                    await self._settle(route.queue, admitted)
                     return
                 detail = (
                     f"handler raised {type(exc).__name__}: {exc}; "
@@ -717,10 +725,28 @@ class TrustedWorker:
             else:
                 detail = f"handler raised {type(exc).__name__}: {exc}"
             await self._give_up(route.queue, delivery, source, detail)
+            await self._settle(route.queue, admitted)
             return
         if not message.processed:
             await message.ack()
         self.stats.delivered += 1
+        await self._settle(route.queue, admitted)
+
+    async def _settle(self, queue: str, admitted: Admitted) -> None:
+        """Tell the queue's replay store that ``admitted`` is settled (acked,
+        or rejected without requeue), so that a copy flagged ``redelivered``
+        after it is a replay (see :meth:`~trusthop.admission.Admission.settle`).
+
+        Runs after the ack: a failure here only leaves the delivery open (a
+        flagged copy is then still taken for a redelivery, as without this
+        step); it is logged, never raised.
+        """
+        try:
+            await self.admissions[queue].settle(admitted)
+        except TrustError as error:
+            log.warning(
+                "trusthop: could not record a settled message on %r: %s", queue, error.message
+            )
 
     async def _retry(self, queue: str, delivery: Delivery, admitted: Admitted) -> str | None:
         """Schedule the next attempt and publish its copy to ``<queue>.retry``,
@@ -775,7 +801,9 @@ class TrustedWorker:
         )
         return None
 
-    async def _handle_in_process(self, route: _Route, first: Delivery, source: str) -> None:
+    async def _handle_in_process(
+        self, route: _Route, first: Delivery, admitted: Admitted, source: str
+    ) -> None:
         """``retry_queue=False``: up to ``max_attempts`` calls, backing off."""
         message = first.message
         last: Exception | None = None
@@ -796,16 +824,19 @@ class TrustedWorker:
                 last = exc
                 self._handler_failed(route.queue, attempt, exc)
                 if message.processed:  # the handler settled the message itself
+                    await self._settle(route.queue, admitted)
                     return
                 continue
             if not message.processed:
                 await message.ack()
             self.stats.delivered += 1
+            await self._settle(route.queue, admitted)
             return
         last_delivery = Delivery(first.trusted, message, route.queue, self.max_attempts)
         await self._give_up(
             route.queue, last_delivery, source, f"handler raised {type(last).__name__}: {last}"
         )
+        await self._settle(route.queue, admitted)
 
     def _handler_failed(self, queue: str, attempt: int, exc: Exception) -> None:
         self.stats.handler_errors += 1

@@ -32,16 +32,21 @@ Handler retries (:meth:`TrustedKafkaConsumer.run`, ``retry_topics=True``,
 the default): a failed handler attempt ``n < max_attempts`` is remembered in
 the replay store (:meth:`~trusthop.admission.Admission.schedule_retry`),
 then a copy of the record (same key, value and headers, chain unchanged,
-plus ``trusthop-retry: n+1``, ``trusthop-not-before``, ``trusthop-original``
-and ``trusthop-attempts``) is written to ``<t>.retry`` and acknowledged,
-and only then is the record committed. The consumer subscribes to the retry
-topic of each of its topics. A retry copy is admitted as a retry (judged at
-the first delivery's time, so waiting never expires it; revocation and
-policy are checked again); a copy whose retry number the store does not
-expect is ``replayed``. A copy that is not due yet pauses its own partition
-(seek back, ``pause``, ``resume`` when due): the main topic and the other
-partitions keep flowing. After ``max_attempts`` handler attempts the record
-is dead-lettered ``handler_failed`` to ``<t>.dlq``. The consumer counts
+plus ``trusthop-retry: n+1``, ``trusthop-not-before``, ``trusthop-original``,
+``trusthop-attempts`` and ``trusthop-consumer: <group>``) is written to
+``<t>.retry`` and acknowledged, and only then is the record committed. The
+consumer subscribes to the retry topic of each of its topics. That topic is
+shared by every group consuming ``t``: a copy naming another group is
+committed without being admitted (:attr:`ConsumerStats.foreign_retries`). A
+retry copy is admitted as a retry (judged at the first delivery's time, so
+waiting never expires it; revocation and policy are checked again); a copy
+whose retry number the store does not expect is ``replayed``. A copy that is
+not due yet, and that the store expects (anything else is judged at once, so
+forged "not before" headers cannot hold a partition), pauses its own
+partition for at most ``retry_delay`` (seek back, ``pause``, ``resume`` when
+due): the main topic and the other partitions keep flowing. After
+``max_attempts`` handler attempts the record is dead-lettered
+``handler_failed`` to ``<t>.dlq``. The consumer counts
 attempts itself (the ``trusthop-retry`` number checked against the store),
 never trusting broker counters.
 
@@ -121,6 +126,7 @@ from trusthop.kafka.records import (
     parse_not_before,
     parse_original,
     parse_retry_attempt,
+    parse_retry_group,
     record_size,
     retry_headers,
     signed_destination,
@@ -274,7 +280,9 @@ class ConsumerStats:
     or in-process attempts); ``commit_failures`` counts commits refused because a
     rebalance moved the partition (the new owner redelivers the record);
     ``dead_letter_stubs`` counts the dead letters (already in
-    ``dead_lettered``) written as a stub because the full one was too large.
+    ``dead_lettered``) written as a stub because the full one was too large;
+    ``foreign_retries`` counts the retry copies of other consumer groups
+    (read from a shared ``<topic>.retry``) committed without being admitted.
     """
 
     delivered: int = 0
@@ -282,6 +290,7 @@ class ConsumerStats:
     retried: int = 0
     commit_failures: int = 0
     dead_letter_stubs: int = 0
+    foreign_retries: int = 0
     dead_lettered: Counter[Reason] = field(default_factory=Counter)
 
     @property
@@ -296,6 +305,7 @@ class ConsumerStats:
             "retried": self.retried,
             "commit_failures": self.commit_failures,
             "dead_letter_stubs": self.dead_letter_stubs,
+            "foreign_retries": self.foreign_retries,
             "dead_lettered": {str(k): v for k, v in sorted(self.dead_lettered.items())},
         }
 
@@ -518,6 +528,10 @@ class TrustedKafkaConsumer:
         self._settling: TopicPartition | None = None
         self._settled = asyncio.Event()
         self._settled.set()
+        # Partitions revoked so far (the revoke listener adds to it): a record
+        # taken from the buffer before an await is dropped if its partition
+        # was revoked meanwhile.
+        self._revocations = 0
 
     # ------------------------------------------------------------- lifecycle
 
@@ -884,7 +898,12 @@ class TrustedKafkaConsumer:
         first = self._first_of(record)
         due_ms = math.ceil((time.time() + self.retry_delay) * 1000)
         headers = retry_headers(
-            record.headers, attempt=following, not_before_ms=due_ms, first=first, attempts=attempt
+            record.headers,
+            attempt=following,
+            not_before_ms=due_ms,
+            first=first,
+            attempts=attempt,
+            group=self.group_id,
         )
         target = retry_topic(base)
         try:
@@ -970,17 +989,47 @@ class TrustedKafkaConsumer:
                 for records in batches.values():
                     self._buffer.extend(records)
             record = self._buffer.popleft()
-            if not self._hold(record):
+            if not await self._hold(record):
                 return record
 
-    def _hold(self, record: Any) -> bool:
+    def _is_foreign(self, record: Any) -> bool:
+        """Whether ``record`` is a retry copy written by another consumer group."""
+        if record.topic not in self._retry_sources:
+            return False
+        group = parse_retry_group(record.headers)
+        return group is not None and group != self.group_id
+
+    async def _expected(self, record: Any) -> bool:
+        """Whether ``record`` (a retry copy not due yet) is a retry this group
+        scheduled and still waits for (:meth:`~trusthop.admission.Admission.peek`).
+
+        Anything else (junk, a copy of another group, a forged copy of an
+        event with no such retry pending, a store that fails) is not waited
+        for: it is admitted at once and settled by its verdict, so a flood
+        of forged "not before" headers cannot hold the partition. Never raises.
+        """
+        retry = parse_retry_attempt(record.headers)
+        if retry == 0 or self._is_foreign(record):
+            return False
+        delivery = DeliveryInfo(
+            id=f"{record.topic}/{record.partition}@{record.offset}", retry=retry
+        )
+        try:
+            wire = decode_record(record.headers, record.value)
+            kind = await self.admission.peek(wire, delivery)
+        except Exception:  # malformed, store down: admission gives the verdict
+            return False
+        return kind is None or kind is DeliveryKind.RETRY
+
+    async def _hold(self, record: Any) -> bool:
         """Whether ``record`` is a retry copy not due yet; if so, pause its
         partition at it (rewind it there, drop what was buffered after it).
 
         The wait is the copy's ``trusthop-not-before`` minus now, capped at
         ``retry_delay`` (a forged far-future header cannot hold a partition
-        longer); once a partition's wait is over, the record it was held at is
-        delivered whatever its header says.
+        longer); only a retry the replay store expects is waited for
+        (:meth:`_expected`); once a partition's wait is over, the record it
+        was held at is delivered whatever its header says.
         """
         if record.topic not in self._retry_sources or isinstance(record, _Undecodable):
             return False
@@ -990,6 +1039,22 @@ class TrustedKafkaConsumer:
             return False
         due = parse_not_before(record.headers)
         if due is None:
+            return False
+        wait = min(due - time.time(), self.retry_delay)
+        if wait <= 0:
+            return False
+        revocations = self._revocations
+        expected = await self._expected(record)
+        if self._revocations != revocations:
+            # A rebalance ran while the store was asked: the partition may be
+            # another member's now, or ours again from its committed offset
+            # (the record is fetched again). Never deliver it from here.
+            with contextlib.suppress(IllegalStateError):
+                if tp in self._consumer.assignment():
+                    self._drop_buffered({tp})
+                    self._consumer.seek(tp, record.offset)
+            return True
+        if not expected:
             return False
         now = time.time()
         wait = min(due - now, self.retry_delay)
@@ -1129,6 +1194,17 @@ class TrustedKafkaConsumer:
             await self._send_stub(record, rejection, None)
             self.stats.dead_lettered[rejection.reason] += 1
             self.admission.count("rejected", reason=rejection.reason.value)
+            return None
+        if self._is_foreign(record):
+            # <topic>.retry is shared by every group consuming <topic>: this
+            # copy is another group's retry, neither ours to handle nor a replay.
+            self.stats.foreign_retries += 1
+            log.debug(
+                "skipped %s:%d@%d: a retry copy of another consumer group",
+                record.topic,
+                record.partition,
+                record.offset,
+            )
             return None
         retry = parse_retry_attempt(record.headers) if record.topic in self._retry_sources else 0
         attempt = max(retry, 1)
@@ -1310,6 +1386,7 @@ class TrustedKafkaConsumer:
         positions: a partition assigned again starts from its committed offset
         (a held retry copy is fetched and held again)."""
         self._drop_buffered(partitions)
+        self._revocations += 1
         for tp in partitions:
             self._holds.pop(tp, None)
             self._released.pop(tp, None)

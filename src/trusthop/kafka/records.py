@@ -11,13 +11,16 @@ point, for tools that verify one record without a consumer).
 
 Retry copies (see :class:`~trusthop.kafka.consumer.TrustedKafkaConsumer`)
 carry the original key, value and headers (minus ``trusthop-*`` ones) plus
-four headers only the consumer writes: :data:`H_RETRY` (the handler attempt
+five headers only the consumer writes: :data:`H_RETRY` (the handler attempt
 the copy is for), :data:`H_NOT_BEFORE` (epoch milliseconds when it is due),
-:data:`H_ORIGINAL` (``<topic>/<partition>/<offset>`` of the first record) and
-``trusthop-attempts`` (handler attempts so far). Anyone who can write to the
-retry topic can write these headers too: the parsers accept only the exact
-form the consumer writes, and the replay store, not the header, decides
-whether a retry is genuine (a forged number is ``replayed``).
+:data:`H_ORIGINAL` (``<topic>/<partition>/<offset>`` of the first record),
+``trusthop-attempts`` (handler attempts so far) and ``trusthop-consumer``
+(the consumer group that wrote it: ``<topic>.retry`` is shared by every group
+of ``<topic>``, and each one skips the copies of the others). Anyone who can
+write to the retry topic can write these headers too: the parsers accept
+only the exact form the consumer writes, and the replay store, not the
+header, decides whether a retry is genuine (a forged number is
+``replayed``; a copy naming another group is only skipped by this one).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from trusthop.bindings.kafka import decode_kafka
 from trusthop.chain import HopRing, decode_chain
 from trusthop.destination import kafka_destination
 from trusthop.event import WireEvent
-from trusthop.pipeline import H_ATTEMPTS, ChainVerifier, Rejection, TrustedEvent
+from trusthop.pipeline import H_ATTEMPTS, H_CONSUMER, ChainVerifier, Rejection, TrustedEvent
 from trusthop.verify import Limits
 
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
@@ -243,6 +246,22 @@ def parse_original(headers: Sequence[tuple[str, bytes | None]] | None) -> str | 
     return value.decode("ascii")
 
 
+def parse_retry_group(headers: Sequence[tuple[str, bytes | None]] | None) -> str | None:
+    """The consumer group that wrote a retry copy (its ``trusthop-consumer``
+    header), when exactly one such header holds UTF-8 text; else ``None``
+    (no claim: the copy is judged by the replay store like any other).
+
+    Pure; never raises.
+    """
+    value = _own_value(headers, H_CONSUMER)
+    if not value:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def retry_headers(
     original: Sequence[tuple[str, bytes | None]] | None,
     *,
@@ -250,13 +269,15 @@ def retry_headers(
     not_before_ms: int,
     first: str,
     attempts: int,
+    group: str | None = None,
 ) -> list[tuple[str, bytes | None]]:
     """Headers of the retry copy for handler attempt ``attempt``.
 
     The original headers minus any ``trusthop-*`` ones (byte for byte, in
     order: the CloudEvent and its chain are unchanged), then
-    :data:`H_RETRY`, :data:`H_NOT_BEFORE`, :data:`H_ORIGINAL` (``first``)
-    and ``trusthop-attempts`` (``attempts``, the handler attempts so far).
+    :data:`H_RETRY`, :data:`H_NOT_BEFORE`, :data:`H_ORIGINAL` (``first``),
+    ``trusthop-attempts`` (``attempts``, the handler attempts so far) and,
+    when ``group`` is given, ``trusthop-consumer`` (the group writing it).
 
     Raises:
         ValueError: ``attempt`` outside 2 to :data:`MAX_RETRY_ATTEMPT`, a
@@ -277,6 +298,8 @@ def retry_headers(
             (H_ATTEMPTS, str(attempts).encode()),
         ]
     )
+    if group is not None:
+        headers.append((H_CONSUMER, group.encode("utf-8", "backslashreplace")))
     return headers
 
 

@@ -10,6 +10,8 @@ from trusthop.stores.base import Change, StoreFull
 
 DEFAULT_MAX_ENTRIES = 1_000_000
 
+_HEAP_SLACK = 64
+
 
 class MemoryReplayStore:
     """A :class:`~trusthop.stores.base.ReplayStore` in a dict.
@@ -20,6 +22,9 @@ class MemoryReplayStore:
             never dropped before its time to make room (the consumer then
             dead-letters with ``store_unavailable`` and says why).
         clock: a monotonic clock in seconds; entries expire by it.
+
+    Memory stays proportional to the entries held: deadlines of entries
+    extended many times are compacted.
 
     Atomic within one event loop (``update`` never awaits between reading
     and writing). It does not survive the process nor see other replicas:
@@ -78,4 +83,9 @@ class MemoryReplayStore:
             return current
         self._values[key] = (value, deadline)
         heapq.heappush(self._deadlines, (deadline, key))
+        if len(self._deadlines) > 2 * len(self._values) + _HEAP_SLACK:
+            # An entry extended again and again leaves one stale deadline per
+            # extension behind; rebuild from the live ones (amortised O(1)).
+            self._deadlines = [(held_until, k) for k, (_, held_until) in self._values.items()]
+            heapq.heapify(self._deadlines)
         return current
