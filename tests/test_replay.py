@@ -277,3 +277,14 @@ def test_prometheus_exporter_counts_with_labels() -> None:
     assert value("trusthop_verified_total", {"consumer": "kafka/g1"}) == 3
     assert value("trusthop_verified_total", {"consumer": "kafka/g2"}) == 1
     assert value("trusthop_rejected_total", {"consumer": "kafka/g1", "reason": "replayed"}) == 1
+
+
+async def test_memory_store_warns_before_it_refuses(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    store = MemoryReplayStore(10)
+    with caplog.at_level(logging.WARNING, logger="trusthop.stores"):
+        for n in range(9):
+            await store.update(f"k{n}", lambda cur: (b"v", 100))
+    warnings = [r for r in caplog.records if "replay store at" in r.getMessage()]
+    assert len(warnings) == 1 and "8 of 10" in warnings[0].getMessage()

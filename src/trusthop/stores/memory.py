@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections.abc import Callable
 
 from trusthop.stores.base import Change, StoreFull
 
 DEFAULT_MAX_ENTRIES = 1_000_000
+log = logging.getLogger("trusthop.stores")
 
 _HEAP_SLACK = 64
 
@@ -23,8 +25,13 @@ class MemoryReplayStore:
             dead-letters with ``store_unavailable`` and says why).
         clock: a monotonic clock in seconds; entries expire by it.
 
-    Memory stays proportional to the entries held: deadlines of entries
-    extended many times are compacted.
+    Memory stays proportional to the entries held (about 900 bytes per
+    entry, so the default bound is close to 1 GB): deadlines of entries
+    extended many times are compacted. An entry lives as long as its chain
+    can be accepted (24 h with the default hop lifetime), so a sustained rate
+    times that lifetime must fit under ``max_entries``; a WARNING is logged
+    on ``trusthop.stores`` when the store passes 80 % of it, before it starts
+    refusing. Production consumers at any real rate want a shared store.
 
     Atomic within one event loop (``update`` never awaits between reading
     and writing). It does not survive the process nor see other replicas:
@@ -41,6 +48,8 @@ class MemoryReplayStore:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
+        self._warn_at = max(1, max_entries * 4 // 5)
+        self._warned = False
         self._clock = clock
         self._values: dict[str, tuple[bytes, float]] = {}
         self._deadlines: list[tuple[float, str]] = []
@@ -72,7 +81,18 @@ class MemoryReplayStore:
             return current
         if current is None:
             self._expire(now)
-            if len(self._values) >= self.max_entries:
+            held_count = len(self._values)
+            if held_count >= self._warn_at and not self._warned:
+                self._warned = True
+                log.warning(
+                    "in-memory replay store at %d of %d entries: it refuses new events "
+                    "(store_unavailable) when full; use a shared store or raise max_entries",
+                    held_count,
+                    self.max_entries,
+                )
+            elif held_count < self._warn_at // 2:
+                self._warned = False
+            if held_count >= self.max_entries:
                 raise StoreFull(
                     f"the in-memory replay store holds {self.max_entries} unexpired entries "
                     "and never forgets one early; raise max_entries or use a shared store"
