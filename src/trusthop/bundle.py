@@ -91,13 +91,15 @@ class TrustBundle:
         revoked_segments: Iterable[str] = (),
         authorities: Mapping[str, Iterable[x509.Certificate]] | None = None,
     ) -> TrustBundle:
-        """Build a bundle, refusing duplicate key ids and invalid SPIFFE IDs."""
+        """Build a bundle, refusing duplicate key ids, one key bound to two
+        actors, and invalid SPIFFE IDs."""
         keys: dict[str, BundleKey] = {}
         for entry in entries:
             if entry.kid in keys:
                 raise BundleError(f"duplicate key id {entry.kid!r}")
             validate_spiffe_id(entry.actor)
             keys[entry.kid] = entry
+        _one_actor_per_key(keys.values())
         return cls(
             keys,
             frozenset(validate_spiffe_id(a) for a in revoked_actors),
@@ -109,9 +111,14 @@ class TrustBundle:
         return self.keys.get(kid)
 
     def with_key(self, entry: BundleKey) -> TrustBundle:
-        """A new bundle with ``entry`` added (replacing a key of the same id)."""
+        """A new bundle with ``entry`` added (replacing a key of the same id).
+
+        Raises:
+            BundleError: ``entry``'s key is bound to another actor under another id.
+        """
         keys = dict(self.keys)
         keys[entry.kid] = entry
+        _one_actor_per_key(keys.values())
         return _replace(self, keys=keys)
 
     def is_revoked_actor(self, actor: str) -> bool:
@@ -232,8 +239,9 @@ def merge(bundles: Iterable[TrustBundle]) -> TrustBundle:
     """One bundle holding every key, revocation and authority of ``bundles``.
 
     Raises:
-        BundleError: a key id appears in two of them, or one trust domain's
-            authorities, sequence or refresh hint are given twice.
+        BundleError: a key id appears in two of them, one key is bound to
+            two actors, or one trust domain's authorities, sequence or
+            refresh hint are given twice.
     """
     keys: dict[str, BundleKey] = {}
     actors: set[str] = set()
@@ -253,9 +261,30 @@ def merge(bundles: Iterable[TrustBundle]) -> TrustBundle:
         _merge_per_domain(jwt, bundle.jwt_authorities, "JWT authorities")
         _merge_per_domain(sequence, bundle.sequence, "spiffe_sequence")
         _merge_per_domain(hint, bundle.refresh_hint, "spiffe_refresh_hint")
+    _one_actor_per_key(keys.values())
     return TrustBundle(
         keys, frozenset(actors), frozenset(segments), authorities, jwt, sequence, hint
     )
+
+
+def _one_actor_per_key(entries: Iterable[BundleKey]) -> None:
+    """Refuse one public key bound to two actors (under two key ids).
+
+    A bundle entry names "the only actor that may sign with it": the holder
+    of a key bound to two actors could sign rings as either. The same key
+    under two ids of one actor (an id renamed during a rotation) is allowed.
+
+    Raises:
+        BundleError: naming both key ids and actors.
+    """
+    owners: dict[tuple[str, bytes], BundleKey] = {}
+    for entry in entries:
+        first = owners.setdefault((entry.key.alg, entry.key.raw), entry)
+        if first.actor != entry.actor:
+            raise BundleError(
+                f"key id {entry.kid!r} binds the key of key id {first.kid!r} "
+                f"to {entry.actor}, but that key belongs to {first.actor}"
+            )
 
 
 def _merge_per_domain(target: dict[str, T], source: Mapping[str, T], what: str) -> None:

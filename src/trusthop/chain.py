@@ -16,7 +16,7 @@ from typing import Any
 
 from trusthop.canonical import EncodingError, b64url_decode, b64url_encode, pack, unpack_canonical
 from trusthop.errors import Reason, TrustError
-from trusthop.spiffe import validate_spiffe_id
+from trusthop.spiffe import validate_spiffe_id, validate_trust_domain
 
 WIRE_VERSION = 1
 
@@ -281,6 +281,12 @@ def _keys(m: Any, index: int, required: frozenset[int], allowed: frozenset[int])
 def _origin(m: Any) -> OriginRing:
     m = _keys(m, 0, _ORIGIN_REQUIRED, _ORIGIN_ALLOWED)
     domain = _text(m, K_TRUST_DOMAIN, 0, "trust domain")
+    try:
+        validate_trust_domain(domain)
+    except ValueError as exc:
+        # Every actor's trust domain is compared with it: anything else could
+        # never verify, and would only reach rejection messages and logs.
+        raise _fail(f"ring 0: trust domain is not a trust domain name ({exc})", 0) from exc
     acr = _text(m, K_ACR, 0, "acr") if K_ACR in m else None
     amr = None
     if K_AMR in m:

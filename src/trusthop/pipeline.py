@@ -9,6 +9,7 @@ transports call these and nothing else, so they cannot disagree on a rule.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -91,9 +92,35 @@ class DeliveryViews:
         return self.trusted.decision
 
 
+# Control characters, line/paragraph separators, bidirectional controls and
+# lone surrogates: a rejection's text goes into log lines and dead-letter headers.
+_UNPRINTABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character, line or paragraph separator,
+    bidirectional control (which reorders how a line is displayed) and lone
+    surrogate written as a Python escape (``\\n``, ``\\x1b``, ``\\u202e``).
+
+    Text an attacker chose (a RabbitMQ routing key, a handler's error
+    message) then cannot forge a log line or smuggle terminal escapes into
+    a dead letter's headers. Other text is returned unchanged.
+    """
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """Why a message was dead-lettered, as written into its headers."""
+    """Why a message was dead-lettered, as written into its headers.
+
+    ``detail``, ``source`` and ``destination`` are made :func:`printable` on
+    construction: they end up in log lines and headers, and may quote what a
+    publisher chose (an AMQP routing key, a handler's error message).
+    ``consumer`` (the group or queue, the operator's choice) is kept as is:
+    the RabbitMQ worker routes its dead letters by it.
+    """
 
     reason: Reason
     detail: str
@@ -103,6 +130,12 @@ class Rejection:
     destination: str | None = None
     """The destination the newest ring was signed for, when the chain could
     be decoded (``source`` is where the message was consumed from)."""
+
+    def __post_init__(self) -> None:
+        for name in ("detail", "source", "destination"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, printable(value))
 
     @classmethod
     def of(

@@ -73,6 +73,15 @@ def validate_spiffe_id(value: str) -> str:
     return value
 
 
+def validate_trust_domain(value: str) -> str:
+    """Return ``value`` unchanged if it is a valid trust domain name (what
+    follows ``spiffe://`` in a SPIFFE ID without a path), else raise ValueError."""
+    if not isinstance(value, str) or "/" in value:
+        raise ValueError("a trust domain name is the part of a SPIFFE ID before its path")
+    SpiffeId.parse(_SCHEME + value)
+    return value
+
+
 def trust_domain_of(value: str) -> str:
     """The trust domain of an already valid SPIFFE ID (no validation)."""
     return value[len(_SCHEME) :].partition("/")[0]

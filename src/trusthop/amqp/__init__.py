@@ -63,6 +63,7 @@ A delivery carrying a ``CC`` or ``BCC`` header, or (with ``bind=`` or
 is dead-lettered with ``wrong_destination``.
 """
 
+from trusthop.amqp.frames import H_UNDECODABLE, UndecodableProperties, install_frame_guard
 from trusthop.amqp.messages import (
     DEFAULT_DEAD_LETTER_EXCHANGE,
     DLQ_SUFFIX,
@@ -95,17 +96,20 @@ __all__ = [
     "H_HEADERS_BYTES",
     "H_HEADERS_DROPPED",
     "H_RETRY",
+    "H_UNDECODABLE",
     "RETRY_SUFFIX",
     "Delivery",
     "Handler",
     "PublishRefused",
     "TrustedPublisher",
     "TrustedWorker",
+    "UndecodableProperties",
     "WorkerStats",
     "check_delivery",
     "dead_letter_headers",
     "dead_letter_queue_name",
     "delivery_matches_bindings",
+    "install_frame_guard",
     "minimal_dead_letter_headers",
     "parse_retry",
     "retry_attempt",

@@ -41,6 +41,7 @@ from aio_pika.abc import HeadersType
 from pamqp import encode
 from pamqp.common import FieldTable, FieldValue
 
+from trusthop.amqp.frames import undecodable
 from trusthop.bindings.amqp import decode_amqp
 from trusthop.chain import decode_chain
 from trusthop.destination import amqp_destination
@@ -337,11 +338,16 @@ def check_delivery(
 
     Raises:
         TrustError: ``wrong_destination`` for the routing checks,
-            ``malformed`` when the message is no CloudEvent.
+            ``malformed`` when the message is no CloudEvent, or carries the
+            marker of properties the client could not decode or of a header
+            named twice (:mod:`trusthop.amqp.frames`).
         ValueError: ``bindings`` given without ``queue``.
     """
     if bindings is not None and queue is None:
         raise ValueError("bindings= needs queue= (the default exchange routes by queue name)")
+    marker = undecodable(headers)
+    if marker is not None:
+        raise TrustError(Reason.MALFORMED, marker.problem)
     copied = routing_headers(headers)
     if copied:
         raise TrustError(

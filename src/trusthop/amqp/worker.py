@@ -104,6 +104,15 @@ Counters: :attr:`TrustedWorker.stats` (what happened to messages) and
 the worker's queues; per queue in ``worker.admissions[queue].counters``; also
 reported to ``metrics=``).
 
+Messages the AMQP client cannot decode: a header name or short-string
+property that is not UTF-8, a header value of an unknown type or a
+timestamp out of range would make aiormq close the whole connection on every
+delivery (a stalled queue), and pamqp keeps only the last of two headers of
+the same name. The worker installs :func:`~trusthop.amqp.frames.install_frame_guard`
+(process-wide), so such a message is delivered with a marker instead and
+dead-lettered as ``malformed`` (its body kept, its undecodable properties
+not); a header named twice is ``malformed`` too.
+
 Dead letters carry the original headers unless they would not fit in one
 content-header frame (``frame_max`` of the connection minus
 :data:`~trusthop.amqp.messages.HEADER_FRAME_RESERVE`): RabbitMQ would close
@@ -133,6 +142,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from pamqp.common import FieldTable
 
 from trusthop.admission import Admission, Admitted
+from trusthop.amqp.frames import install_frame_guard
 from trusthop.amqp.messages import (
     DEFAULT_DEAD_LETTER_EXCHANGE,
     Binding,
@@ -153,7 +163,13 @@ from trusthop.amqp.messages import (
 from trusthop.amqp.publisher import PublishRefused, _publish_confirmed, _require_confirms
 from trusthop.errors import Reason, TrustError
 from trusthop.metrics import Counters, Fanout, Metrics
-from trusthop.pipeline import ChainVerifier, DeliveryViews, Rejection, TrustedEvent
+from trusthop.pipeline import (
+    ChainVerifier,
+    DeliveryViews,
+    Rejection,
+    TrustedEvent,
+    printable,
+)
 from trusthop.replay import DEFAULT_REMEMBER, DeliveryInfo, DeliveryKind, OnReplay
 from trusthop.stores.base import ReplayStore
 from trusthop.stores.memory import MemoryReplayStore
@@ -375,6 +391,9 @@ class TrustedWorker:
         metrics: Metrics | None = None,
     ) -> None:
         _require_confirms(channel, "TrustedWorker")
+        # A message whose properties pamqp cannot decode would otherwise close
+        # the connection on every delivery: a stalled queue (trusthop.amqp.frames).
+        install_frame_guard()
         if max_attempts < 1 or prefetch_count < 1:
             raise ValueError("max_attempts and prefetch_count must be at least 1")
         if max_uses < 1:
@@ -678,7 +697,7 @@ class TrustedWorker:
                 log.info(
                     "trusthop: duplicate of an accepted message on %r from %s acked unhandled",
                     route.queue,
-                    source,
+                    printable(source),  # the routing key is the publisher's choice
                 )
                 await message.ack()
                 self.stats.skipped += 1
