@@ -26,7 +26,7 @@ import pytest
 
 from trusthop.bundle import BundleKey, TrustBundle
 from trusthop.canonical import b64url_decode, b64url_encode, pack
-from trusthop.chain import Chain, HopRing, OriginRing, Ring, ring_hash
+from trusthop.chain import SIGNATURE_BYTES, Chain, HopRing, OriginRing, Ring
 from trusthop.digest import canonical_json
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
@@ -78,6 +78,8 @@ FOREIGN = identity(FOREIGN_ID, 5, "foreign-1")  # bundled, but in another trust 
 MALLORY_KEY = seeded_key(0x66)  # in no bundle
 
 SIGNERS = {i.kid: i for i in (EDGE, ORDERS, ORDERS_2, PAYMENTS, FOREIGN)}
+# Rings name their key by (actor, key tag).
+SIGNER_OF = {(i.actor, i.key_tag): i for i in SIGNERS.values()}
 
 
 def make_bundle(*, revoked_kids: Iterable[str] = (), revoked_actors: Iterable[str] = (),
@@ -183,18 +185,26 @@ def rejected(fn: Callable[[], Any], reason: Reason, ring: object = ANY_RING) -> 
 # -- building and re-encoding chains by hand ---------------------------------
 
 
-def sign_ring(ring: Ring, signer: Identity | SigningKey) -> Ring:
+def sign_ring(ring: Ring, signer: Identity | SigningKey, after: Chain | None = None) -> Ring:
+    """``ring`` signed by ``signer``: an origin alone, a hop as the ring after ``after``."""
     key = signer.key if isinstance(signer, Identity) else signer
-    return dataclasses.replace(ring, signature=key.sign(ring.signing_input()))
+    if isinstance(ring, OriginRing):
+        message = Chain(ring).signing_input(0)
+    else:
+        assert after is not None, "a hop ring is signed after a chain"
+        message = after.next_signing_input(ring)
+    return dataclasses.replace(ring, signature=key.sign(message))
 
 
 def encode_rings(rings: Sequence[Ring]) -> str:
-    """Canonical wire form of any ring sequence (no validation at all)."""
+    """Canonical wire form of any ring sequence (signatures as they are; each
+    hop's link tag names the ring before it in this sequence)."""
     return Chain(rings[0], tuple(rings[1:])).encode()  # type: ignore[arg-type]
 
 
 def relink(rings: Sequence[Ring], start: int) -> list[Ring]:
-    """Re-point and re-sign rings ``start..`` with their legitimate keys.
+    """Re-sign rings ``start..`` after the rings now before them, with their
+    legitimate keys.
 
     This is what an attacker holding every later key could do; the rings before
     ``start`` keep their (possibly broken) signatures.
@@ -203,23 +213,34 @@ def relink(rings: Sequence[Ring], start: int) -> list[Ring]:
     for index in range(max(start, 1), len(out)):
         ring = out[index]
         assert isinstance(ring, HopRing)
-        ring = dataclasses.replace(ring, prev_hash=ring_hash(out[index - 1]))
-        out[index] = sign_ring(ring, SIGNERS[ring.kid])
+        before = Chain(out[0], tuple(out[1:index]))  # type: ignore[arg-type]
+        out[index] = sign_ring(ring, SIGNER_OF[(ring.actor, ring.key_tag)], before)
     return out
 
 
-def raw_maps(encoded: str) -> list[Any]:
-    """The decoded wire array ``[version, ring0, ...]`` (maps keep int keys)."""
-    return msgpack.unpackb(b64url_decode(encoded), raw=False, strict_map_key=False)
+def ring_parts(encoded: str) -> list[tuple[bytes, dict[int, Any]]]:
+    """Each ring of a chain as (signature, body map with int keys); no checks."""
+    parts = []
+    for segment in encoded.split(".")[1:]:
+        data = b64url_decode(segment)
+        body = msgpack.unpackb(data[SIGNATURE_BYTES:], raw=False, strict_map_key=False)
+        parts.append((data[:SIGNATURE_BYTES], body))
+    return parts
 
 
-def encode_raw(value: Any) -> str:
-    """Canonical msgpack + base64url of any value."""
-    return b64url_encode(pack(value))
+def encode_parts(parts: Sequence[tuple[bytes, Any]], version: str = "2") -> str:
+    """The wire text of (signature, body) pairs: a body is packed canonically
+    (maps sorted) unless it is ``bytes`` already; signatures are not redone."""
+    segments = [
+        b64url_encode(sig + (body if isinstance(body, bytes) else pack(body)))
+        for sig, body in parts
+    ]
+    return ".".join([version, *segments])
 
 
-def encode_bytes(raw: bytes) -> str:
-    return b64url_encode(raw)
+def encode_segments(segments: Sequence[bytes], version: str = "2") -> str:
+    """The wire text of raw ring byte strings."""
+    return ".".join([version, *(b64url_encode(s) for s in segments)])
 
 
 def flip(data: bytes, index: int = 0) -> bytes:

@@ -107,8 +107,41 @@ class TrustBundle:
             {td: tuple(certs) for td, certs in (authorities or {}).items()},
         )
 
+    def __post_init__(self) -> None:
+        # Rings name their key by (actor, key tag); both lookups are indexed
+        # once per bundle, and so is each keyed actor's revocation.
+        index: dict[tuple[str, int], BundleKey] = {}
+        for entry in self.keys.values():
+            slot = (entry.actor, entry.key.key_tag)
+            first = index.get(slot)
+            if first is None:
+                index[slot] = entry
+            elif first.key != entry.key:
+                raise BundleError(
+                    f"key ids {first.kid!r} and {entry.kid!r} of {entry.actor} share the key "
+                    f"tag {slot[1]:#06x} that rings name their key by: generate another key "
+                    "for one of them"
+                )
+            else:  # one key under two ids: the stricter entry counts
+                index[slot] = _stricter(first, entry)
+        setter = object.__setattr__
+        setter(self, "_index", index)
+        setter(self, "_by_key", {(e.key.alg, e.key.raw): e for e in index.values()})
+        setter(self, "_actor_revoked", {e.actor: self._revoked(e.actor) for e in index.values()})
+
     def get(self, kid: str) -> BundleKey | None:
+        """The entry with key id ``kid``."""
         return self.keys.get(kid)
+
+    def key_for(self, actor: str, key_tag: int) -> BundleKey | None:
+        """The key of ``actor`` with ``key_tag`` (what a ring names), if bundled."""
+        index: dict[tuple[str, int], BundleKey] = self._index  # type: ignore[attr-defined]
+        return index.get((actor, key_tag))
+
+    def entry_of(self, key: PublicKey) -> BundleKey | None:
+        """The bundle entry holding ``key`` (an X.509-SVID leaf's key, say), if any."""
+        by_key: dict[tuple[str, bytes], BundleKey] = self._by_key  # type: ignore[attr-defined]
+        return by_key.get((key.alg, key.raw))
 
     def with_key(self, entry: BundleKey) -> TrustBundle:
         """A new bundle with ``entry`` added (replacing a key of the same id).
@@ -123,6 +156,10 @@ class TrustBundle:
 
     def is_revoked_actor(self, actor: str) -> bool:
         """Whether ``actor`` is revoked by name or by one of its segments."""
+        known: bool | None = self._actor_revoked.get(actor)  # type: ignore[attr-defined]
+        return self._revoked(actor) if known is None else known
+
+    def _revoked(self, actor: str) -> bool:
         if actor in self.revoked_actors:
             return True
         return any(actor == s or actor.startswith(s + "/") for s in self.revoked_segments)
@@ -285,6 +322,14 @@ def _one_actor_per_key(entries: Iterable[BundleKey]) -> None:
                 f"key id {entry.kid!r} binds the key of key id {first.kid!r} "
                 f"to {entry.actor}, but that key belongs to {first.actor}"
             )
+
+
+def _stricter(a: BundleKey, b: BundleKey) -> BundleKey:
+    """One key listed under two ids: revoked if either is, retired at the earlier time."""
+    retired = [t for t in (a.retired_at, b.retired_at) if t is not None]
+    return dataclasses.replace(
+        a, revoked=a.revoked or b.revoked, retired_at=min(retired) if retired else None
+    )
 
 
 def _merge_per_domain(target: dict[str, T], source: Mapping[str, T], what: str) -> None:

@@ -10,14 +10,10 @@ what the signer hashed.
 
 from __future__ import annotations
 
-import base64
 import binascii
-import re
 from typing import Any
 
 import msgpack
-
-_B64URL = re.compile(rb"[A-Za-z0-9_-]*\Z")
 
 
 class EncodingError(ValueError):
@@ -112,9 +108,17 @@ def unpack_canonical(
     return value
 
 
+_TO_STANDARD = bytes.maketrans(b"-_+/=", b"+/!!!")  # '+', '/' and '=' become invalid
+_FROM_STANDARD = bytes.maketrans(b"+/", b"-_")
+_B64URL_VALUES = {
+    c: i for i, c in enumerate(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
+
+
 def b64url_encode(data: bytes) -> str:
     """Unpadded base64url (RFC 4648 section 5)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    encoded = binascii.b2a_base64(data, newline=False).rstrip(b"=")
+    return encoded.translate(_FROM_STANDARD).decode("ascii")
 
 
 def b64url_decode(text: str) -> bytes:
@@ -124,13 +128,20 @@ def b64url_decode(text: str) -> bytes:
         EncodingError: on any character outside ``A-Za-z0-9-_``, a length that
             no encoding produces, or non-zero trailing bits.
     """
-    raw = text.encode("ascii", "strict") if text.isascii() else None
-    if raw is None or not _B64URL.match(raw) or len(raw) % 4 == 1:
+    if not isinstance(text, str) or not text.isascii():
+        raise EncodingError("not unpadded base64url")
+    ascii_text = text.encode("ascii")
+    rest = len(ascii_text) % 4
+    if rest == 1:
         raise EncodingError("not unpadded base64url")
     try:
-        decoded = base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
-    except (binascii.Error, ValueError) as exc:
+        decoded = binascii.a2b_base64(
+            ascii_text.translate(_TO_STANDARD) + b"=" * (-rest % 4), strict_mode=True
+        )
+    except binascii.Error as exc:
         raise EncodingError("not unpadded base64url") from exc
-    if b64url_encode(decoded) != text:
+    # The last character of a partial group carries 4 (rest 2) or 2 (rest 3)
+    # bits that no encoder sets: another text for the same bytes.
+    if rest and _B64URL_VALUES[ascii_text[-1]] & (0x0F if rest == 2 else 0x03):
         raise EncodingError("base64url with non-zero trailing bits")
     return decoded

@@ -1,48 +1,76 @@
 """The trust chain model and its wire encoding (no I/O, no verification).
 
 A chain is an origin ring followed by hop rings. On the wire it is the
-CloudEvents extension attribute ``trustchain``: unpadded base64url of the
-canonical msgpack array ``[1, ring0, ring1, ...]``, each ring a map with small
-integer keys. ``docs/wire-format.md`` is the normative description; the key
-numbers below are part of it.
+CloudEvents extension attribute ``trustchain``: the version ``2``, then each
+ring in unpadded base64url, separated by dots (``2.<ring0>.<ring1>...``).
+A ring's bytes are its 64-byte signature followed by its *body*, a
+canonical msgpack map with small integer keys. ``docs/wire-format.md`` is
+the normative description; the key numbers below are part of it. A chain
+derived from another one begins with that one's text, so a verifier can
+recognise a prefix it verified before without decoding it.
+
+Rings link through their hashes, never through a field::
+
+    h0 = SHA-256("trusthop/v2/ring" 0x00 || ring0)
+    hi = SHA-256("trusthop/v2/ring" 0x00 || h(i-1) || ringi)
+
+and ring i signs ``"trusthop/v2/hop" 0x00 || h(i-1) || body``, so removing,
+reordering or splicing a ring breaks a signature. A hop ring stores what it
+can derive from the ring before it as a difference: its actor as a path in
+the origin's trust domain, its ``iat`` as seconds after the previous
+``iat``, its end of validity (``ttl``) and its scope only when they narrow.
+
+Each ring's bytes are kept with the chain, so hashing, signing inputs and
+re-encoding never pack a ring twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field, replace
-from typing import Any
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
-from trusthop.canonical import EncodingError, b64url_decode, b64url_encode, pack, unpack_canonical
+import msgpack
+
+from trusthop.canonical import b64url_decode, b64url_encode
 from trusthop.errors import Reason, TrustError
-from trusthop.spiffe import validate_spiffe_id, validate_trust_domain
+from trusthop.spiffe import SCHEME, is_spiffe_id, is_spiffe_path, validate_spiffe_id
 
-WIRE_VERSION = 1
+T = TypeVar("T")
 
-# Map keys shared by both ring kinds.
-K_SIG, K_ACTOR, K_KID, K_IAT, K_EXP, K_SCOPE = 0, 1, 2, 3, 4, 5
-K_X5C = 6  # optional: the signer's X.509-SVID chain (DER, leaf first)
+WIRE_VERSION = 2
+CHAIN_PREFIX = "2."
+
+# Body keys shared by both ring kinds.
+K_ACTOR, K_KEY, K_IAT, K_TTL, K_SCOPE, K_X5C = 1, 2, 3, 4, 5, 6
 # Origin ring keys.
-K_SUBJECT, K_ISSUER, K_CRED_HASH, K_TXN, K_TRUST_DOMAIN, K_ACR, K_AMR = 10, 11, 12, 13, 14, 15, 16
+K_SUBJECT, K_ISSUER, K_CRED_HASH, K_TXN, K_ACR, K_AMR = 10, 11, 12, 13, 15, 16
 # Hop ring keys.
-K_PREV, K_EVENT, K_DEST, K_CONSUMED, K_PEER = 20, 21, 22, 23, 24
+K_LINK, K_EVENT, K_DEST, K_CONSUMED, K_PEER = 20, 21, 22, 23, 24
 
-_COMMON_KEYS = frozenset({K_SIG, K_ACTOR, K_KID, K_IAT, K_EXP, K_SCOPE})
-_ORIGIN_REQUIRED = _COMMON_KEYS | {K_SUBJECT, K_ISSUER, K_CRED_HASH, K_TXN, K_TRUST_DOMAIN}
-_ORIGIN_ALLOWED = _ORIGIN_REQUIRED | {K_ACR, K_AMR, K_X5C}
-_HOP_REQUIRED = _COMMON_KEYS | {K_PREV, K_EVENT, K_DEST}
-_HOP_ALLOWED = _HOP_REQUIRED | {K_CONSUMED, K_PEER, K_X5C}
+_ORIGIN_REQUIRED = frozenset(
+    {K_ACTOR, K_IAT, K_TTL, K_SCOPE, K_SUBJECT, K_ISSUER, K_CRED_HASH, K_TXN}
+)
+_ORIGIN_ALLOWED = _ORIGIN_REQUIRED | {K_KEY, K_X5C, K_ACR, K_AMR}
+_HOP_REQUIRED = frozenset({K_ACTOR, K_IAT, K_LINK, K_EVENT, K_DEST})
+_HOP_ALLOWED = _HOP_REQUIRED | {K_KEY, K_TTL, K_SCOPE, K_X5C, K_CONSUMED, K_PEER}
 
-ORIGIN_DOMAIN = b"trusthop/v1/origin\x00"
-HOP_DOMAIN = b"trusthop/v1/hop\x00"
-RING_HASH_DOMAIN = b"trusthop/v1/ring\x00"
+ORIGIN_DOMAIN = b"trusthop/v2/origin\x00"
+HOP_DOMAIN = b"trusthop/v2/hop\x00"
+RING_HASH_DOMAIN = b"trusthop/v2/ring\x00"
 
+SIGNATURE_BYTES = 64
 MAX_SCOPE_ENTRIES = 64
+MAX_SCOPE_ENTRY = 256
 MAX_TEXT = 1024
 MAX_X5C_CERTS = 4
 MAX_X5C_CERT_BYTES = 4096
-_MAX_TIME = 2**40  # seconds since the epoch; far beyond any real window
+MAX_RING_BYTES = 20_000  # four maximal certificates and every text field at its limit
+_MAX_TIME = 2**40  # seconds since the epoch (or a duration); far beyond any real window
+_MAX_KEY_TAG = 0xFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +78,16 @@ class OriginRing:
     """Ring 0: who the work is for, minted by the edge actor.
 
     ``credential_hash`` is the SHA-256 of the original credential (the user's
-    token); the credential itself is never part of a ring. ``x5c``, when
-    set, is the signer's X.509-SVID chain (DER certificates, leaf first,
-    no root): the ring's key is then the leaf's, not a bundle key.
+    token); the credential itself is never part of a ring. ``key_tag``
+    selects which of the actor's bundled keys signed (see
+    :func:`trusthop.keys.key_tag`); ``x5c``, when set instead, is the
+    signer's X.509-SVID chain (DER certificates, leaf first, no root) and
+    the ring's key is the leaf's. The trust domain of the whole chain is the
+    actor's.
     """
 
     actor: str
-    kid: str
+    key_tag: int | None
     iat: int
     exp: int
     scope: frozenset[str]
@@ -64,51 +95,31 @@ class OriginRing:
     issuer: str
     credential_hash: bytes
     transaction_id: str
-    trust_domain: str
     acr: str | None = None
     amr: tuple[str, ...] | None = None
     signature: bytes = b""
     x5c: tuple[bytes, ...] | None = None
 
-    def fields(self) -> dict[int, Any]:
-        """The signed map (everything but the signature)."""
-        out: dict[int, Any] = {
-            K_ACTOR: self.actor,
-            K_KID: self.kid,
-            K_IAT: self.iat,
-            K_EXP: self.exp,
-            K_SCOPE: sorted(self.scope),
-            K_SUBJECT: self.subject,
-            K_ISSUER: self.issuer,
-            K_CRED_HASH: self.credential_hash,
-            K_TXN: self.transaction_id,
-            K_TRUST_DOMAIN: self.trust_domain,
-        }
-        if self.acr is not None:
-            out[K_ACR] = self.acr
-        if self.amr is not None:
-            out[K_AMR] = list(self.amr)
-        if self.x5c is not None:
-            out[K_X5C] = list(self.x5c)
-        return out
-
-    def signing_input(self) -> bytes:
-        return ORIGIN_DOMAIN + pack(self.fields())
+    @property
+    def trust_domain(self) -> str:
+        """The trust domain every actor of the chain belongs to."""
+        return self.actor[len(SCHEME) :].partition("/")[0]
 
 
 @dataclass(frozen=True, slots=True)
 class HopRing:
-    """Ring i>0: an actor published ``event_digest`` to ``destination``.
+    """Ring i>0: ``actor`` published ``event_digest`` to ``destination``.
 
+    ``actor`` is a full SPIFFE ID in memory; on the wire only its path
+    travels (it is always in the origin's trust domain). ``key_tag`` and
     ``x5c`` as for :class:`OriginRing`.
     """
 
     actor: str
-    kid: str
+    key_tag: int | None
     iat: int
     exp: int
     scope: frozenset[str]
-    prev_hash: bytes
     event_digest: bytes
     destination: str
     consumed_event_id: str | None = None
@@ -116,51 +127,603 @@ class HopRing:
     signature: bytes = b""
     x5c: tuple[bytes, ...] | None = None
 
-    def fields(self) -> dict[int, Any]:
-        out: dict[int, Any] = {
-            K_ACTOR: self.actor,
-            K_KID: self.kid,
-            K_IAT: self.iat,
-            K_EXP: self.exp,
-            K_SCOPE: sorted(self.scope),
-            K_PREV: self.prev_hash,
-            K_EVENT: self.event_digest,
-            K_DEST: self.destination,
-        }
-        if self.consumed_event_id is not None:
-            out[K_CONSUMED] = self.consumed_event_id
-        if self.peer is not None:
-            out[K_PEER] = self.peer
-        if self.x5c is not None:
-            out[K_X5C] = list(self.x5c)
-        return out
-
-    def signing_input(self) -> bytes:
-        return HOP_DOMAIN + pack(self.fields())
-
 
 Ring = OriginRing | HopRing
 
 
-def ring_map(ring: Ring) -> dict[int, Any]:
-    """The ring as it is encoded on the wire (signed fields plus signature)."""
-    return ring.fields() | {K_SIG: ring.signature}
+def positional_constructor(cls: type[T]) -> Callable[..., T]:
+    """A function building a frozen, slotted dataclass from all its fields in
+    order, without its ``__init__`` (which sets each field through
+    ``object.__setattr__``: half the cost of decoding a small ring). Only for
+    values already validated: no ``__post_init__``, no defaults."""
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    setters = {f"_set_{n}": getattr(cls, n).__set__ for n in names}
+    source = (
+        f"def build({', '.join(names)}):\n"
+        "    obj = _new(_cls)\n"
+        + "".join(f"    _set_{n}(obj, {n})\n" for n in names)
+        + "    return obj\n"
+    )
+    scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls, **setters}
+    exec(source, scope)  # noqa: S102 - source built from the class's own field names
+    return scope["build"]  # type: ignore[no-any-return]
 
 
-def ring_hash(ring: Ring) -> bytes:
-    """SHA-256 of the ring's canonical encoding, signature included."""
-    return hashlib.sha256(RING_HASH_DOMAIN + pack(ring_map(ring))).digest()
+_origin_ring = positional_constructor(OriginRing)
+_hop_ring = positional_constructor(HopRing)
+
+_packb = msgpack.packb
+_unpackb = msgpack.unpackb
 
 
-@dataclass(frozen=True, slots=True)
+def _fail(message: str, ring: int | None = None) -> TrustError:
+    return TrustError(Reason.MALFORMED, message, ring=ring)
+
+
+# --------------------------------------------------------------------------- #
+# Field rules, shared by the decoder and the signer
+# --------------------------------------------------------------------------- #
+
+# Control characters and line/paragraph separators: ring text ends up in logs,
+# terminals and decision records, where they could forge lines.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+
+def text_problem(value: object) -> str | None:
+    """Why ``value`` is not a valid ring string (``None`` when it is)."""
+    if type(value) is not str or not value or len(value) > MAX_TEXT:
+        return f"must be a string of 1 to {MAX_TEXT} characters"
+    if _UNPRINTABLE.search(value):
+        return "contains control or line-separator characters"
+    return None
+
+
+def scope_problem(value: Collection[object]) -> str | None:
+    """Why ``value`` (sorted entries) is not a valid scope (``None`` when it is)."""
+    if len(value) > MAX_SCOPE_ENTRIES:
+        return f"must hold at most {MAX_SCOPE_ENTRIES} entries"
+    for item in value:
+        if type(item) is not str or not item or len(item) > MAX_SCOPE_ENTRY:
+            return f"entries must be strings of 1 to {MAX_SCOPE_ENTRY} characters"
+        if _UNPRINTABLE.search(item):
+            return "entries contain control or line-separator characters"
+    return None
+
+
+def _uuid_bytes(text: str) -> bytes | None:
+    """16 bytes for a canonical (lowercase, hyphenated) UUID string, else ``None``."""
+    return uuid.UUID(text).bytes if _UUID.match(text) else None
+
+
+def _id_value(text: str) -> str | bytes:
+    """How an id travels: 16 bytes when it is a canonical UUID, else its text."""
+    packed = _uuid_bytes(text)
+    return text if packed is None else packed
+
+
+def _read_id(m: dict[Any, Any], key: int, index: int, what: str) -> str:
+    value = m[key]
+    if type(value) is bytes:
+        return _uuid_text(value, index, what)
+    problem = text_problem(value)
+    if problem is not None:
+        raise _fail(f"ring {index}: {what} {problem}", index)
+    if _UUID.match(value):
+        raise _fail(f"ring {index}: {what} is a UUID and must travel as 16 bytes", index)
+    return value  # type: ignore[no-any-return]
+
+
+def _read_text(m: dict[Any, Any], key: int, index: int, what: str) -> str:
+    value = m[key]
+    problem = text_problem(value)
+    if problem is not None:
+        raise _fail(f"ring {index}: {what} {problem}", index)
+    return value  # type: ignore[no-any-return]
+
+
+def _read_hash(m: dict[Any, Any], key: int, index: int, what: str) -> bytes:
+    value = m[key]
+    if type(value) is not bytes or len(value) != 32:
+        raise _fail(f"ring {index}: {what} must be 32 bytes", index)
+    return value
+
+
+def _read_uint(m: dict[Any, Any], key: int, index: int, what: str) -> int:
+    value = m[key]
+    if type(value) is not int or not 0 <= value < _MAX_TIME:
+        raise _fail(f"ring {index}: {what} must be an integer in [0, 2**40)", index)
+    return value
+
+
+def _read_scope(m: dict[Any, Any], index: int) -> frozenset[str]:
+    value = m[K_SCOPE]
+    if type(value) is not list:
+        raise _fail(f"ring {index}: scope must be a list", index)
+    problem = scope_problem(value)
+    if problem is not None:
+        raise _fail(f"ring {index}: scope {problem}", index)
+    scope = frozenset(value)
+    if len(scope) != len(value) or value != sorted(value):
+        raise _fail(f"ring {index}: scope must be sorted and without duplicates", index)
+    return scope
+
+
+def _read_key(m: dict[Any, Any], index: int) -> tuple[int | None, tuple[bytes, ...] | None]:
+    """The key tag, or the X.509-SVID chain: exactly one of them."""
+    if K_X5C in m:
+        if K_KEY in m:
+            raise _fail(f"ring {index}: a ring with x5c carries no key tag", index)
+        value = m[K_X5C]
+        if (
+            type(value) is not list
+            or not 1 <= len(value) <= MAX_X5C_CERTS
+            or not all(type(c) is bytes and 0 < len(c) <= MAX_X5C_CERT_BYTES for c in value)
+        ):
+            raise _fail(
+                f"ring {index}: x5c must be a list of 1 to {MAX_X5C_CERTS} certificates "
+                f"of 1 to {MAX_X5C_CERT_BYTES} bytes",
+                index,
+            )
+        return None, tuple(value)
+    if K_KEY not in m:
+        raise _fail(f"ring {index}: missing key tag (field {K_KEY}) or x5c", index)
+    tag = m[K_KEY]
+    if type(tag) is not int or not 0 <= tag <= _MAX_KEY_TAG:
+        raise _fail(f"ring {index}: key tag must be an integer in [0, 65535]", index)
+    return tag, None
+
+
+def _check_keys(
+    m: dict[Any, Any], index: int, required: frozenset[int], allowed: frozenset[int]
+) -> None:
+    keys = m.keys()
+    if not keys <= allowed:
+        unknown = sorted(map(repr, keys - allowed))
+        raise _fail(f"ring {index}: unknown field(s) {unknown}", index)
+    if not required <= keys:
+        raise _fail(f"ring {index}: missing field(s) {sorted(required - keys)}", index)
+
+
+# --------------------------------------------------------------------------- #
+# Bodies: encoding
+# --------------------------------------------------------------------------- #
+
+
+def origin_body(ring: OriginRing) -> bytes:
+    """The signed body of an origin ring (canonical msgpack, keys ascending).
+
+    Raises:
+        ValueError: the ring cannot be written (a window that ends before it
+            starts, neither key tag nor x5c).
+    """
+    if ring.exp < ring.iat:
+        raise ValueError("an origin ring's window cannot end before it starts")
+    if ring.key_tag is None and ring.x5c is None:
+        raise ValueError("a ring needs a key tag or an x5c chain")
+    out: dict[int, Any] = {K_ACTOR: ring.actor}
+    if ring.x5c is None:
+        out[K_KEY] = ring.key_tag
+    out[K_IAT] = ring.iat
+    out[K_TTL] = ring.exp - ring.iat
+    out[K_SCOPE] = sorted(ring.scope)
+    if ring.x5c is not None:
+        out[K_X5C] = list(ring.x5c)
+    out[K_SUBJECT] = ring.subject
+    out[K_ISSUER] = ring.issuer
+    out[K_CRED_HASH] = ring.credential_hash
+    out[K_TXN] = _id_value(ring.transaction_id)
+    if ring.acr is not None:
+        out[K_ACR] = ring.acr
+    if ring.amr is not None:
+        out[K_AMR] = list(ring.amr)
+    return _packb(out)
+
+
+def link_tag(prev_hash: bytes) -> int:
+    """The link tag a hop ring carries: the first two bytes of the previous
+    ring's hash. The signature binds the whole hash; the tag only tells a
+    ring signed after another ring (``broken_link``) from an edited one."""
+    return int.from_bytes(prev_hash[:2], "big")
+
+
+def hop_body(ring: HopRing, prev: Ring, trust_domain: str, prev_hash: bytes) -> bytes:
+    """The signed body of a hop ring written after ``prev`` (whose ring hash
+    is ``prev_hash``).
+
+    The actor travels as its path, ``iat`` as seconds after ``prev.iat``,
+    the end of validity as ``ttl`` (seconds after ``iat``) only when it
+    differs from ``prev``'s, the scope only when it differs from ``prev``'s
+    (a wider one is written as is: verifiers answer ``scope_escalation``).
+
+    Raises:
+        ValueError: what the format cannot express: an actor outside
+            ``trust_domain``, an ``iat`` before ``prev.iat``, a window that
+            ends before it starts, neither key tag nor x5c.
+    """
+    return hop_body_of(
+        ring.actor,
+        ring.key_tag,
+        ring.iat,
+        ring.exp,
+        ring.scope,
+        ring.event_digest,
+        ring.destination,
+        ring.consumed_event_id,
+        ring.peer,
+        ring.x5c,
+        prev=prev,
+        trust_domain=trust_domain,
+        prev_hash=prev_hash,
+    )
+
+
+def hop_body_of(
+    actor: str,
+    key_tag: int | None,
+    iat: int,
+    exp: int,
+    scope: frozenset[str],
+    event_digest: bytes,
+    destination: str,
+    consumed_event_id: str | None,
+    peer: str | None,
+    x5c: tuple[bytes, ...] | None,
+    *,
+    prev: Ring,
+    trust_domain: str,
+    prev_hash: bytes,
+) -> bytes:
+    """:func:`hop_body` of the ring these fields (in :class:`HopRing` order)
+    would make, before it exists (a signer signs the body first)."""
+    prefix = f"{SCHEME}{trust_domain}/"
+    if not actor.startswith(prefix):
+        raise ValueError(f"{actor} is not in trust domain {trust_domain}")
+    if iat < prev.iat:
+        raise ValueError("a hop ring cannot start before the ring it follows")
+    if exp < iat:
+        raise ValueError("a hop ring's window cannot end before it starts")
+    out: dict[int, Any] = {K_ACTOR: actor[len(prefix) - 1 :]}
+    if x5c is None:
+        if key_tag is None:
+            raise ValueError("a ring needs a key tag or an x5c chain")
+        out[K_KEY] = key_tag
+    out[K_IAT] = iat - prev.iat
+    if exp != prev.exp:
+        out[K_TTL] = exp - iat
+    if scope is not prev.scope and scope != prev.scope:
+        out[K_SCOPE] = sorted(scope)
+    if x5c is not None:
+        out[K_X5C] = list(x5c)
+    out[K_LINK] = int.from_bytes(prev_hash[:2], "big")
+    out[K_EVENT] = event_digest
+    out[K_DEST] = destination
+    if consumed_event_id is not None:
+        out[K_CONSUMED] = _id_value(consumed_event_id)
+    if peer is not None:
+        out[K_PEER] = peer
+    return _packb(out)
+
+
+def new_hop_ring(
+    actor: str,
+    key_tag: int | None,
+    iat: int,
+    exp: int,
+    scope: frozenset[str],
+    event_digest: bytes,
+    destination: str,
+    consumed_event_id: str | None,
+    peer: str | None,
+    signature: bytes,
+    x5c: tuple[bytes, ...] | None,
+) -> HopRing:
+    """``HopRing(...)`` for fields a signer already checked, without the
+    dataclass ``__init__``."""
+    return _hop_ring(
+        actor,
+        key_tag,
+        iat,
+        exp,
+        scope,
+        event_digest,
+        destination,
+        consumed_event_id,
+        peer,
+        signature,
+        x5c,
+    )
+
+
+def origin_signing_input(body: bytes) -> bytes:
+    """What the origin's signature covers."""
+    return ORIGIN_DOMAIN + body
+
+
+def hop_signing_input(prev_hash: bytes, body: bytes) -> bytes:
+    """What a hop ring's signature covers: the previous ring's hash and its body."""
+    return HOP_DOMAIN + prev_hash + body
+
+
+def next_hash(prev_hash: bytes | None, ring_bytes: bytes) -> bytes:
+    """The hash of a ring (signature and body) that follows ``prev_hash``."""
+    if prev_hash is None:
+        return hashlib.sha256(RING_HASH_DOMAIN + ring_bytes).digest()
+    return hashlib.sha256(RING_HASH_DOMAIN + prev_hash + ring_bytes).digest()
+
+
+# --------------------------------------------------------------------------- #
+# Bodies: decoding
+# --------------------------------------------------------------------------- #
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError("msgpack extension types are not allowed")
+
+
+_MSGPACK_ERRORS = (
+    ValueError,
+    TypeError,
+    msgpack.ExtraData,
+    msgpack.FormatError,
+    msgpack.StackError,
+    RecursionError,
+)
+
+
+def _shapes(required: frozenset[int], optional: frozenset[int]) -> frozenset[tuple[int, ...]]:
+    """Every ascending key tuple a body may have: the required keys, exactly
+    one of key tag and x5c, any of the optional ones."""
+    out = set()
+    extras = sorted(optional)
+    for key in (K_KEY, K_X5C):
+        for mask in range(1 << len(extras)):
+            chosen = {extras[i] for i in range(len(extras)) if mask >> i & 1}
+            out.add(tuple(sorted(required | {key} | chosen)))
+    return frozenset(out)
+
+
+_ORIGIN_SHAPES = _shapes(_ORIGIN_REQUIRED, frozenset({K_ACR, K_AMR}))
+_HOP_SHAPES = _shapes(_HOP_REQUIRED, frozenset({K_TTL, K_SCOPE, K_CONSUMED, K_PEER}))
+
+
+def _unpack_body(
+    body: bytes,
+    index: int,
+    shapes: frozenset[tuple[int, ...]],
+    required: frozenset[int],
+    allowed: frozenset[int],
+) -> dict[Any, Any]:
+    """Decode a ring body; require one of ``shapes`` and the canonical encoding.
+
+    Lengths need no limits of their own: the body is at most
+    ``MAX_RING_BYTES`` long, and nothing in it can announce more than that.
+    """
+    try:
+        m = _unpackb(body, strict_map_key=False, ext_hook=_reject_ext)
+    except _MSGPACK_ERRORS as exc:
+        raise _fail(
+            f"ring {index}: body is not valid msgpack ({type(exc).__name__})", index
+        ) from exc
+    if type(m) is not dict:
+        raise _fail(f"ring {index}: body is not a map", index)
+    keys = tuple(m)
+    if keys not in shapes:
+        _explain_keys(m, index, required, allowed)
+    for k in keys:
+        # True and 2.0 compare and hash equal to 1 and 2: only integers are keys.
+        if type(k) is not int:
+            raise _fail(f"ring {index}: field keys must be integers", index)
+    # With integer keys in ascending order, re-encoding catches duplicate keys
+    # (collapsed on decode), non-minimal integers and lengths, and str/bin
+    # confusion; the field rules then refuse every other type.
+    try:
+        again = _packb(m)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _fail(f"ring {index}: body cannot be re-encoded", index) from exc
+    if again != body:
+        raise _fail(f"ring {index}: body is not in canonical msgpack", index)
+    return m
+
+
+def _explain_keys(
+    m: dict[Any, Any], index: int, required: frozenset[int], allowed: frozenset[int]
+) -> None:
+    """Raise ``malformed`` saying why the keys of ``m`` are no valid shape."""
+    if not all(type(k) is int for k in m):
+        raise _fail(f"ring {index}: field keys must be integers", index)
+    _check_keys(m, index, required, allowed)
+    if list(m) != sorted(m):
+        raise _fail(f"ring {index}: field keys must be in ascending order", index)
+    if (K_KEY in m) == (K_X5C in m):
+        raise _fail(f"ring {index}: a ring carries a key tag or x5c, exactly one", index)
+    raise _fail(f"ring {index}: unexpected fields {sorted(m)}", index)
+
+
+def _uuid_text(value: object, index: int, what: str) -> str:
+    """The canonical UUID text of 16 bytes."""
+    if len(value) != 16:  # type: ignore[arg-type]
+        raise _fail(f"ring {index}: {what} as bytes must be a 16-byte UUID", index)
+    h = value.hex()  # type: ignore[attr-defined]
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def decode_origin(data: bytes) -> OriginRing:
+    """Ring 0 from its bytes (signature and body).
+
+    Raises:
+        TrustError(malformed): naming the field.
+    """
+    if len(data) <= SIGNATURE_BYTES:
+        raise _fail("ring 0: too short", 0)
+    m = _unpack_body(data[SIGNATURE_BYTES:], 0, _ORIGIN_SHAPES, _ORIGIN_REQUIRED, _ORIGIN_ALLOWED)
+    actor = m[K_ACTOR]
+    if not is_spiffe_id(actor, path=True):
+        raise _fail(f"ring 0: actor is not a SPIFFE ID ({_spiffe_problem(actor)})", 0)
+    key_tag, x5c = _read_key(m, 0)
+    iat = _read_uint(m, K_IAT, 0, "iat")
+    ttl = _read_uint(m, K_TTL, 0, "ttl")
+    acr = _read_text(m, K_ACR, 0, "acr") if K_ACR in m else None
+    amr = None
+    if K_AMR in m:
+        raw = m[K_AMR]
+        if (
+            type(raw) is not list
+            or len(raw) > 16
+            or not all(
+                type(x) is str and 0 < len(x) <= 64 and not _UNPRINTABLE.search(x) for x in raw
+            )
+        ):
+            raise _fail("ring 0: amr must be a short list of strings", 0)
+        amr = tuple(raw)
+    return _origin_ring(
+        actor,
+        key_tag,
+        iat,
+        iat + ttl,
+        _read_scope(m, 0),
+        _read_text(m, K_SUBJECT, 0, "subject"),
+        _read_text(m, K_ISSUER, 0, "issuer"),
+        _read_hash(m, K_CRED_HASH, 0, "credential hash"),
+        _read_id(m, K_TXN, 0, "transaction id"),
+        acr,
+        amr,
+        data[:SIGNATURE_BYTES],
+        x5c,
+    )
+
+
+def decode_hop(data: bytes, index: int, prev: Ring, trust_domain: str) -> tuple[HopRing, int]:
+    """Ring ``index`` (> 0) from its bytes, read against the ring before it,
+    and the link tag it carries.
+
+    Raises:
+        TrustError(malformed): naming the field.
+    """
+    if len(data) <= SIGNATURE_BYTES:
+        raise _fail(f"ring {index}: too short", index)
+    m = _unpack_body(data[SIGNATURE_BYTES:], index, _HOP_SHAPES, _HOP_REQUIRED, _HOP_ALLOWED)
+    path = m[K_ACTOR]
+    if not is_spiffe_path(path):
+        raise _fail(f"ring {index}: actor must be a SPIFFE ID path such as /ns/x/sa/y", index)
+    if K_KEY in m:
+        key_tag = m[K_KEY]
+        if type(key_tag) is not int or not 0 <= key_tag <= _MAX_KEY_TAG:
+            raise _fail(f"ring {index}: key tag must be an integer in [0, 65535]", index)
+        x5c = None
+    else:
+        key_tag, x5c = _read_key(m, index)
+    delta = m[K_IAT]
+    if type(delta) is not int or not 0 <= delta < _MAX_TIME:
+        raise _fail(f"ring {index}: iat must be an integer in [0, 2**40)", index)
+    iat = prev.iat + delta
+    exp = iat + _read_uint(m, K_TTL, index, "ttl") if K_TTL in m else prev.exp
+    tag = m[K_LINK]
+    if type(tag) is not int or not 0 <= tag <= _MAX_KEY_TAG:
+        raise _fail(f"ring {index}: link tag must be an integer in [0, 65535]", index)
+    digest = m[K_EVENT]
+    if type(digest) is not bytes or len(digest) != 32:
+        raise _fail(f"ring {index}: event digest must be 32 bytes", index)
+    destination = m[K_DEST]
+    if text_problem(destination) is not None:
+        _read_text(m, K_DEST, index, "destination")
+    consumed = m.get(K_CONSUMED)
+    if consumed is not None:
+        consumed = _read_id(m, K_CONSUMED, index, "consumed event id")
+    ring: HopRing = _hop_ring(
+        f"{SCHEME}{trust_domain}{path}",
+        key_tag,
+        iat,
+        exp,
+        _read_scope(m, index) if K_SCOPE in m else prev.scope,
+        digest,
+        destination,
+        consumed,
+        _read_text(m, K_PEER, index, "peer") if K_PEER in m else None,
+        data[:SIGNATURE_BYTES],
+        x5c,
+    )
+    return ring, tag
+
+
+def _spiffe_problem(value: str) -> str:
+    try:
+        validate_spiffe_id(value)
+    except ValueError as exc:
+        return str(exc)
+    return "it has no path"
+
+
+# --------------------------------------------------------------------------- #
+# Chains
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Chain:
-    """An origin ring and the hop rings after it, oldest first."""
+    """An origin ring and the hop rings after it, oldest first.
+
+    Built from ring objects (``Chain(origin, hops)``), each ring is encoded
+    once; decoded (:func:`decode_chain`) or extended (:meth:`appended` of a
+    signed ring), the ring bytes are the ones received or signed. Two chains
+    are equal when their bytes are.
+
+    Raises (on construction from ring objects):
+        ValueError: a ring the wire format cannot express (see
+            :func:`hop_body`).
+    """
 
     origin: OriginRing
     hops: tuple[HopRing, ...] = ()
-    # Not an __init__ argument, so dataclasses.replace() never carries the
-    # cache of one chain over to another chain with as many rings.
-    _hashes: list[bytes] = field(default_factory=list, init=False, compare=False, repr=False)
+    _raw: tuple[bytes, ...] = field(init=False, repr=False)
+    _hashes: list[bytes] = field(init=False, repr=False)
+    _tags: tuple[int | None, ...] = field(init=False, repr=False)
+    _text: str | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hops", tuple(self.hops))
+        domain = self.origin.trust_domain
+        raws = [self.origin.signature + origin_body(self.origin)]
+        hashes = [next_hash(None, raws[0])]
+        tags: list[int | None] = [None]
+        prev: Ring = self.origin
+        for hop in self.hops:
+            raws.append(hop.signature + hop_body(hop, prev, domain, hashes[-1]))
+            tags.append(link_tag(hashes[-1]))
+            hashes.append(next_hash(hashes[-1], raws[-1]))
+            prev = hop
+        object.__setattr__(self, "_raw", tuple(raws))
+        object.__setattr__(self, "_hashes", hashes)
+        object.__setattr__(self, "_tags", tuple(tags))
+        object.__setattr__(self, "_text", None)
+
+    @classmethod
+    def _of(
+        cls,
+        origin: OriginRing,
+        hops: tuple[HopRing, ...],
+        raw: tuple[bytes, ...],
+        hashes: list[bytes],
+        tags: tuple[int | None, ...],
+        text: str | None = None,
+    ) -> Chain:
+        """A chain whose ring bytes, link tags (and some leading hashes, and
+        maybe its encoding) are known."""
+        chain = object.__new__(cls)
+        setter = object.__setattr__
+        setter(chain, "origin", origin)
+        setter(chain, "hops", hops)
+        setter(chain, "_raw", raw)
+        setter(chain, "_hashes", hashes)
+        setter(chain, "_tags", tags)
+        setter(chain, "_text", text)
+        return chain
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Chain) and self._raw == other._raw
+
+    def __hash__(self) -> int:
+        return hash(self._raw)
 
     @property
     def rings(self) -> tuple[Ring, ...]:
@@ -170,233 +733,177 @@ class Chain:
     def newest(self) -> Ring:
         return self.hops[-1] if self.hops else self.origin
 
-    def hashes(self) -> list[bytes]:
-        """Ring hashes, oldest first (computed once per chain object)."""
-        if len(self._hashes) != len(self.hops) + 1:
-            self._hashes[:] = [ring_hash(r) for r in self.rings]
-        return self._hashes
+    @property
+    def ring_bytes(self) -> tuple[bytes, ...]:
+        """Each ring as it travels (signature then body), oldest first."""
+        return self._raw
 
-    def appended(self, hop: HopRing) -> Chain:
-        return Chain(self.origin, (*self.hops, hop))
+    @property
+    def link_tags(self) -> tuple[int | None, ...]:
+        """The link tag each ring carries (``None`` for the origin)."""
+        return self._tags
+
+    def hashes(self) -> list[bytes]:
+        """Ring hashes, oldest first (each computed once per chain object)."""
+        hashes = self._hashes
+        raw = self._raw
+        if len(hashes) < len(raw):
+            prev = hashes[-1] if hashes else None
+            for data in raw[len(hashes) :]:
+                prev = next_hash(prev, data)
+                hashes.append(prev)
+        return hashes
+
+    def signing_input(self, index: int) -> bytes:
+        """What ring ``index``'s signature covers."""
+        body = self._raw[index][SIGNATURE_BYTES:]
+        if index == 0:
+            return ORIGIN_DOMAIN + body
+        return HOP_DOMAIN + self.hashes()[index - 1] + body
+
+    def next_signing_input(self, hop: HopRing) -> bytes:
+        """What ``hop``'s signature must cover to follow this chain's newest
+        ring (for tools that sign a ring themselves; see :meth:`appended`).
+
+        Raises:
+            ValueError: as :func:`hop_body`.
+        """
+        prev_hash = self.hashes()[-1]
+        return (
+            HOP_DOMAIN + prev_hash + hop_body(hop, self.newest, self.origin.trust_domain, prev_hash)
+        )
+
+    def appended(self, hop: HopRing, body: bytes | None = None) -> Chain:
+        """This chain with ``hop`` (signed) after its newest ring.
+
+        ``body`` is the hop's body when the caller already encoded it (the
+        signer did, to sign it); it is not checked against ``hop``.
+        """
+        hashes = self.hashes()
+        if body is None:
+            body = hop_body(hop, self.newest, self.origin.trust_domain, hashes[-1])
+        raw = hop.signature + body
+        text = self._text
+        return Chain._of(
+            self.origin,
+            (*self.hops, hop),
+            (*self._raw, raw),
+            hashes[:],  # the new ring's hash is computed when asked for
+            (*self._tags, link_tag(hashes[-1])),
+            None if text is None else f"{text}.{b64url_encode(raw)}",
+        )
 
     def encode(self) -> str:
-        """The ``trustchain`` attribute value."""
-        return b64url_encode(pack([WIRE_VERSION, *(ring_map(r) for r in self.rings)]))
+        """The ``trustchain`` attribute value (computed once per chain object)."""
+        text = self._text
+        if text is None:
+            text = CHAIN_PREFIX + ".".join(b64url_encode(r) for r in self._raw)
+            object.__setattr__(self, "_text", text)
+        return text
 
 
-def _fail(message: str, ring: int | None = None) -> TrustError:
-    return TrustError(Reason.MALFORMED, message, ring=ring)
+# --------------------------------------------------------------------------- #
+# The attribute: version, then each ring in base64url, separated by dots
+# --------------------------------------------------------------------------- #
 
 
-# Control characters and line/paragraph separators: ring text ends up in logs,
-# terminals and decision records, where they could forge lines.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def _text(m: dict[Any, Any], key: int, index: int, what: str) -> str:
-    value = m[key]
-    if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
-        raise _fail(f"ring {index}: {what} must be a non-empty string", index)
-    if _UNPRINTABLE.search(value):
-        raise _fail(f"ring {index}: {what} contains control or line-separator characters", index)
-    return value
-
-
-def _hash(m: dict[Any, Any], key: int, index: int, what: str) -> bytes:
-    value = m[key]
-    if not isinstance(value, bytes) or len(value) != 32:
-        raise _fail(f"ring {index}: {what} must be 32 bytes", index)
-    return value
-
-
-def _time(m: dict[Any, Any], key: int, index: int, what: str) -> int:
-    value = m[key]
-    if type(value) is not int or not 0 <= value < _MAX_TIME:
-        raise _fail(f"ring {index}: {what} must be an integer in [0, 2**40)", index)
-    return value
-
-
-def _actor(m: dict[Any, Any], index: int) -> str:
-    actor = _text(m, K_ACTOR, index, "actor")
-    try:
-        validate_spiffe_id(actor)
-    except ValueError as exc:
-        raise _fail(f"ring {index}: actor is not a SPIFFE ID ({exc})", index) from exc
-    return actor
-
-
-def _scope(m: dict[Any, Any], index: int) -> frozenset[str]:
-    value = m[K_SCOPE]
-    if not isinstance(value, list) or len(value) > MAX_SCOPE_ENTRIES:
-        raise _fail(f"ring {index}: scope must be a list of at most {MAX_SCOPE_ENTRIES}", index)
-    for item in value:
-        if not isinstance(item, str) or not item or len(item) > 256:
-            raise _fail(
-                f"ring {index}: scope entries must be strings of 1 to 256 characters", index
-            )
-    if value != sorted(set(value)):
-        raise _fail(f"ring {index}: scope must be sorted and without duplicates", index)
-    return frozenset(value)
-
-
-def _signature(m: dict[Any, Any], index: int) -> bytes:
-    value = m[K_SIG]
-    if not isinstance(value, bytes) or len(value) != 64:
-        raise _fail(f"ring {index}: signature must be 64 bytes", index)
-    return value
-
-
-def _x5c(m: dict[Any, Any], index: int) -> tuple[bytes, ...] | None:
-    """Shape only; the certificates themselves are judged with the keys."""
-    if K_X5C not in m:
-        return None
-    value = m[K_X5C]
-    if (
-        not isinstance(value, list)
-        or not 1 <= len(value) <= MAX_X5C_CERTS
-        or not all(isinstance(c, bytes) and 0 < len(c) <= MAX_X5C_CERT_BYTES for c in value)
-    ):
-        raise _fail(
-            f"ring {index}: x5c must be a list of 1 to {MAX_X5C_CERTS} certificates "
-            f"of 1 to {MAX_X5C_CERT_BYTES} bytes",
-            index,
-        )
-    return tuple(value)
-
-
-def _keys(m: Any, index: int, required: frozenset[int], allowed: frozenset[int]) -> dict[Any, Any]:
-    if not isinstance(m, dict):
-        raise _fail(f"ring {index}: not a map", index)
-    if not all(type(k) is int for k in m):
-        # True (and 1.0) compare and hash equal to 1: only real integers are field keys.
-        raise _fail(f"ring {index}: field keys must be integers", index)
-    keys = set(m)
-    if not keys <= allowed:
-        raise _fail(f"ring {index}: unknown field(s) {sorted(map(repr, keys - allowed))}", index)
-    if not required <= keys:
-        raise _fail(f"ring {index}: missing field(s) {sorted(required - keys)}", index)
-    return m
-
-
-def _origin(m: Any) -> OriginRing:
-    m = _keys(m, 0, _ORIGIN_REQUIRED, _ORIGIN_ALLOWED)
-    domain = _text(m, K_TRUST_DOMAIN, 0, "trust domain")
-    try:
-        validate_trust_domain(domain)
-    except ValueError as exc:
-        # Every actor's trust domain is compared with it: anything else could
-        # never verify, and would only reach rejection messages and logs.
-        raise _fail(f"ring 0: trust domain is not a trust domain name ({exc})", 0) from exc
-    acr = _text(m, K_ACR, 0, "acr") if K_ACR in m else None
-    amr = None
-    if K_AMR in m:
-        raw = m[K_AMR]
-        if (
-            not isinstance(raw, list)
-            or len(raw) > 16
-            or not all(isinstance(x, str) and 0 < len(x) <= 64 for x in raw)
-        ):
-            raise _fail("ring 0: amr must be a short list of strings", 0)
-        amr = tuple(raw)
-    return OriginRing(
-        actor=_actor(m, 0),
-        kid=_text(m, K_KID, 0, "key id"),
-        iat=_time(m, K_IAT, 0, "iat"),
-        exp=_time(m, K_EXP, 0, "exp"),
-        scope=_scope(m, 0),
-        subject=_text(m, K_SUBJECT, 0, "subject"),
-        issuer=_text(m, K_ISSUER, 0, "issuer"),
-        credential_hash=_hash(m, K_CRED_HASH, 0, "credential hash"),
-        transaction_id=_text(m, K_TXN, 0, "transaction id"),
-        trust_domain=domain,
-        acr=acr,
-        amr=amr,
-        signature=_signature(m, 0),
-        x5c=_x5c(m, 0),
-    )
-
-
-def _hop(m: Any, index: int) -> HopRing:
-    m = _keys(m, index, _HOP_REQUIRED, _HOP_ALLOWED)
-    peer = None
-    if K_PEER in m:
-        peer = _text(m, K_PEER, index, "peer")
-    return HopRing(
-        actor=_actor(m, index),
-        kid=_text(m, K_KID, index, "key id"),
-        iat=_time(m, K_IAT, index, "iat"),
-        exp=_time(m, K_EXP, index, "exp"),
-        scope=_scope(m, index),
-        prev_hash=_hash(m, K_PREV, index, "previous ring hash"),
-        event_digest=_hash(m, K_EVENT, index, "event digest"),
-        destination=_text(m, K_DEST, index, "destination"),
-        consumed_event_id=_text(m, K_CONSUMED, index, "consumed event id")
-        if K_CONSUMED in m
-        else None,
-        peer=peer,
-        signature=_signature(m, index),
-        x5c=_x5c(m, index),
-    )
-
-
-def check_ring_fields(ring: Ring, index: int) -> None:
-    """Apply the decoder's field rules to a ring about to be signed.
-
-    Signers call this so they never produce a ring every verifier would
-    refuse (over-long strings, too many scope entries, bad SPIFFE IDs).
-
-    Raises:
-        TrustError(malformed): naming the field.
-    """
-    fields = ring_map(replace(ring, signature=b"\0" * 64))
-    if isinstance(ring, OriginRing):
-        _origin(fields)
-    else:
-        _hop(fields, index)
-
-
-def _array_length(data: bytes) -> int:
-    """Number of elements announced by the msgpack array header at ``data[0]``."""
-    if not data:
-        raise _fail("empty chain")
-    first = data[0]
-    if 0x90 <= first <= 0x9F:
-        return first & 0x0F
-    if first == 0xDC and len(data) >= 3:
-        return int.from_bytes(data[1:3], "big")
-    if first == 0xDD and len(data) >= 5:
-        return int.from_bytes(data[1:5], "big")
-    raise _fail("a chain is a msgpack array")
-
-
-def decode_chain(text: str, *, max_bytes: int, max_rings: int) -> Chain:
-    """Parse a ``trustchain`` attribute value.
-
-    Size and ring count are checked before anything else is decoded (and long
-    before any signature is looked at).
+def check_chain_text(text: str, *, max_bytes: int, max_rings: int) -> None:
+    """Size, ring count and version of a ``trustchain`` value, read before
+    anything is decoded (and long before any signature is looked at).
 
     Raises:
         TrustError: ``too_large``, ``depth_exceeded`` or ``malformed``.
     """
     if len(text) > max_bytes:
         raise TrustError(Reason.TOO_LARGE, f"chain is {len(text)} bytes, the limit is {max_bytes}")
-    try:
-        raw = b64url_decode(text)
-    except EncodingError as exc:
-        raise _fail(f"chain is not unpadded base64url ({exc})") from exc
-    count = _array_length(raw)
-    if count - 1 > max_rings:
+    rings = text.count(".")
+    if rings > max_rings:
         raise TrustError(
-            Reason.DEPTH_EXCEEDED, f"chain has {count - 1} rings, the limit is {max_rings}"
+            Reason.DEPTH_EXCEEDED, f"chain has {rings} rings, the limit is {max_rings}"
         )
+    if not text.startswith(CHAIN_PREFIX):
+        version = text.partition(".")[0][:8]
+        raise _fail(f"unsupported chain version {version!r} (this is version {WIRE_VERSION})")
+    if rings < 2:
+        raise _fail("a chain is an origin ring and at least one hop ring")
+
+
+def ring_bytes(segment: str, index: int) -> bytes:
+    """The bytes of ring ``index`` from its base64url text.
+
+    Raises:
+        TrustError(malformed): not strict unpadded base64url, or a ring too
+            short to hold a signature or longer than ``MAX_RING_BYTES``.
+    """
+    if len(segment) > MAX_RING_BYTES * 4 // 3 + 2:
+        raise _fail(f"ring {index}: longer than {MAX_RING_BYTES} bytes", index)
     try:
-        decoded = unpack_canonical(raw, max_array_len=max(max_rings + 1, MAX_SCOPE_ENTRIES + 1))
-    except EncodingError as exc:
-        raise _fail(f"chain encoding: {exc}") from exc
-    if not isinstance(decoded, list) or len(decoded) < 2:
-        raise _fail("a chain is [version, origin ring, hop rings...]")
-    if decoded[0] != WIRE_VERSION or type(decoded[0]) is not int:
-        raise _fail(f"unsupported chain version {decoded[0]!r}")
-    origin = _origin(decoded[1])
-    hops = tuple(_hop(m, i) for i, m in enumerate(decoded[2:], start=1))
-    return Chain(origin, hops)
+        data = b64url_decode(segment)
+    except ValueError as exc:
+        raise _fail(f"ring {index}: not unpadded base64url ({exc})", index) from exc
+    if len(data) <= SIGNATURE_BYTES:
+        raise _fail(f"ring {index}: too short for a signature and a body", index)
+    return data
+
+
+def split_chain(text: str, *, max_bytes: int, max_rings: int) -> list[bytes]:
+    """The bytes of each ring of a ``trustchain`` value, oldest first
+    (:func:`check_chain_text` first).
+
+    Raises:
+        TrustError: ``too_large``, ``depth_exceeded`` or ``malformed``.
+    """
+    check_chain_text(text, max_bytes=max_bytes, max_rings=max_rings)
+    segments = text[len(CHAIN_PREFIX) :].split(".")
+    return [ring_bytes(segment, index) for index, segment in enumerate(segments)]
+
+
+def decode_chain(text: str, *, max_bytes: int, max_rings: int) -> Chain:
+    """Parse a ``trustchain`` attribute value (nothing is verified).
+
+    Raises:
+        TrustError: ``too_large``, ``depth_exceeded`` or ``malformed``.
+    """
+    check_chain_text(text, max_bytes=max_bytes, max_rings=max_rings)
+    return decode_rings(text)
+
+
+def decode_rings(text: str, known: Chain | None = None) -> Chain:
+    """The chain of an already checked ``trustchain`` value
+    (:func:`check_chain_text`); ``known``, when given, is a chain whose
+    encoding is a prefix of ``text`` ending before a ring (a verifier's
+    cache): its rings and hashes are reused and only the rings after it are
+    decoded.
+
+    Raises:
+        TrustError(malformed): naming the ring and field.
+    """
+    if known is not None:
+        prefix = known.encode()
+        if not (text.startswith(prefix) and text[len(prefix) : len(prefix) + 1] in ("", ".")):
+            raise ValueError("known is not a prefix of this chain")
+        start = len(known._raw)
+        segments = text[len(prefix) + 1 :].split(".") if len(text) > len(prefix) else []
+        origin = known.origin
+        hops = list(known.hops)
+        raws = list(known._raw)
+        hashes = list(known._hashes)
+        tags = list(known._tags)
+    else:
+        segments = text[len(CHAIN_PREFIX) :].split(".")
+        start = 1
+        raws = [ring_bytes(segments[0], 0)]
+        origin = decode_origin(raws[0])
+        segments = segments[1:]
+        hops = []
+        hashes = []
+        tags = [None]
+    domain = origin.trust_domain
+    prev: Ring = hops[-1] if hops else origin
+    for index, segment in enumerate(segments, start=start):
+        data = ring_bytes(segment, index)
+        prev, tag = decode_hop(data, index, prev, domain)
+        raws.append(data)
+        hops.append(prev)
+        tags.append(tag)
+    return Chain._of(origin, tuple(hops), tuple(raws), hashes, tuple(tags), text)

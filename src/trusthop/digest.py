@@ -27,7 +27,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from trusthop.canonical import pack
+import msgpack
+
 from trusthop.errors import Reason, TrustError
 
 CHAIN_ATTRIBUTE = "trustchain"
@@ -35,6 +36,7 @@ UNSIGNED_ATTRIBUTES = frozenset({CHAIN_ATTRIBUTE, "traceparent", "tracestate"})
 _DOMAIN = "trusthop/v1/event"
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # not encodable as UTF-8: never valid text
+_CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _NAME = re.compile(r"[a-z0-9]{1,20}\Z")
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})\Z",
@@ -42,9 +44,26 @@ _RFC3339 = re.compile(
 )
 
 
+_COMMON_NAMES = frozenset(
+    {
+        "specversion",
+        "id",
+        "source",
+        "type",
+        "time",
+        "subject",
+        "datacontenttype",
+        "dataschema",
+        CHAIN_ATTRIBUTE,
+        "traceparent",
+        "tracestate",
+    }
+)
+
+
 def is_valid_attribute_name(name: str) -> bool:
     """CloudEvents attribute names: lowercase ``a-z0-9``, 1 to 20 characters."""
-    return bool(_NAME.match(name))
+    return name in _COMMON_NAMES or (type(name) is str and _NAME.match(name) is not None)
 
 
 def is_json_content_type(content_type: str | None) -> bool:
@@ -90,6 +109,12 @@ def data_bytes(data: Any, content_type: str | None, *, json_default: bool = Fals
     return canonical_json(data)
 
 
+# Already in canonical form: UTC, "Z", no trailing zero in a fraction.
+_CANONICAL_TIME = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.\d{0,8}[1-9])?Z\Z", re.ASCII
+)
+
+
 def canonical_time(value: str | datetime) -> str:
     """Normalise an RFC 3339 timestamp to UTC with a ``Z`` suffix.
 
@@ -98,6 +123,15 @@ def canonical_time(value: str | datetime) -> str:
     Raises:
         TrustError(malformed): not an RFC 3339 date-time with an offset.
     """
+    if type(value) is str:
+        match = _CANONICAL_TIME.match(value)
+        if match is not None:
+            y, mo, d, h, mi, sec = (int(part) for part in match.groups())
+            try:
+                datetime(y, mo, d, h, mi, sec)  # a real date and time
+            except ValueError as exc:
+                raise TrustError(Reason.MALFORMED, f"'time' is not a valid date: {exc}") from exc
+            return value
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise TrustError(Reason.MALFORMED, "'time' has no UTC offset")
@@ -146,7 +180,7 @@ def canonical_value(name: str, value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        if _CONTROL.search(value) or _SURROGATE.search(value):
+        if _CONTROL_OR_SURROGATE.search(value):
             raise TrustError(
                 Reason.MALFORMED, f"attribute {name!r} holds control characters or surrogates"
             )
@@ -200,5 +234,7 @@ def event_digest(attributes: Mapping[str, Any], data: bytes | None) -> bytes:
 
     ``data`` must already be the digest bytes (see :func:`data_bytes`).
     """
-    payload = pack([_DOMAIN, signed_attributes(attributes), data])
+    signed = signed_attributes(attributes)
+    # pack() of [domain, map sorted by name, data], without its generic sort.
+    payload = msgpack.packb([_DOMAIN, dict(sorted(signed.items())), data])
     return hashlib.sha256(payload).digest()

@@ -14,7 +14,7 @@ from typing import Any
 from cloudevents.core.v1.event import CloudEvent
 
 from trusthop.canonical import pack
-from trusthop.chain import RING_HASH_DOMAIN, Chain, ring_map
+from trusthop.chain import RING_HASH_DOMAIN, SIGNATURE_BYTES, Chain
 from trusthop.digest import signed_attributes
 from trusthop.event import WireEvent
 from trusthop.keys import SigningKey
@@ -62,19 +62,25 @@ def build() -> dict[str, Any]:
         ttl=600,
     )
     hop = chain.hops[0]
+    origin_ring, hop_ring = chain.ring_bytes
+    origin_hash, hop_hash = chain.hashes()
     return {
         "public_key": gateway.key.public_key.raw.hex(),
+        "key_tag": f"{gateway.key.public_key.key_tag:04x}",
         "attributes": signed_attributes(wire.attributes),
         "data": (wire.data or b"").decode(),
         "digest_input": digest_input.hex(),
         "event_digest": wire.digest().hex(),
-        "origin_signing_input": origin.signing_input().hex(),
+        "origin_body": origin_ring[SIGNATURE_BYTES:].hex(),
+        "origin_signing_input": chain.signing_input(0).hex(),
         "origin_signature": origin.signature.hex(),
-        "origin_hash_input": (RING_HASH_DOMAIN + pack(ring_map(origin))).hex(),
-        "origin_hash": chain.hashes()[0].hex(),
-        "hop_signing_input": hop.signing_input().hex(),
+        "origin_hash_input": (RING_HASH_DOMAIN + origin_ring).hex(),
+        "origin_hash": origin_hash.hex(),
+        "hop_body": hop_ring[SIGNATURE_BYTES:].hex(),
+        "hop_signing_input": chain.signing_input(1).hex(),
         "hop_signature": hop.signature.hex(),
-        "chain_bytes": pack([1, *(ring_map(r) for r in chain.rings)]).hex(),
+        "hop_hash_input": (RING_HASH_DOMAIN + origin_hash + hop_ring).hex(),
+        "hop_hash": hop_hash.hex(),
         "trustchain": chain.encode(),
         "credential_hash": hashlib.sha256(b"example-token").hexdigest(),
     }

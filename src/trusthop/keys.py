@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +176,16 @@ class PublicKey:
 
     raw: bytes
     alg: str = ED25519
+    key_tag: int = field(init=False, repr=False, compare=False)
+    """The first two bytes of the RFC 7638 thumbprint as an integer: what a
+    ring names to say which of its actor's keys signed it."""
 
     def __post_init__(self) -> None:
+        self._check()
+        digest = hashlib.sha256(self._canonical_jwk()).digest()
+        object.__setattr__(self, "key_tag", int.from_bytes(digest[:2], "big"))
+
+    def _check(self) -> None:
         if self.alg == ED25519:
             if len(self.raw) != 32:
                 raise ValueError("an Ed25519 public key is 32 bytes")
@@ -244,11 +252,13 @@ class PublicKey:
             "y": b64url_encode(self.raw[33:]),
         }
 
+    def _canonical_jwk(self) -> bytes:
+        return json.dumps(self._jwk_members(), separators=(",", ":"), sort_keys=True).encode()
+
     @property
     def thumbprint(self) -> str:
         """RFC 7638 JWK thumbprint (SHA-256, base64url), the default key id."""
-        canonical = json.dumps(self._jwk_members(), separators=(",", ":"), sort_keys=True)
-        return b64url_encode(hashlib.sha256(canonical.encode()).digest())
+        return b64url_encode(hashlib.sha256(self._canonical_jwk()).digest())
 
     def to_jwk(self) -> dict[str, Any]:
         """The public JWK members (``kty``, ``crv``, ``x``, [``y``], ``alg``)."""

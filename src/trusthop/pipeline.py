@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from cloudevents.core.v1.event import CloudEvent
 
 from trusthop.bundle import BundleSource, TrustBundle, current_bundle
-from trusthop.chain import Chain, OriginRing, decode_chain
+from trusthop.chain import Chain, OriginRing, check_chain_text, decode_rings
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
 from trusthop.policy import Decision, Policy, check_publish, evaluate
@@ -31,14 +31,9 @@ from trusthop.policy.pdp import (
 from trusthop.policy.source import PolicySource, current_policy
 from trusthop.sigcache import DEFAULT_CACHE_SIZE, SignatureCache
 from trusthop.sign import DEFAULT_HOP_TTL, Identity, append_hop
-from trusthop.verify import Limits, VerifiedContext, check_signature, verify_decoded
+from trusthop.verify import Limits, VerifiedContext, verify_decoded
 
 Clock = Callable[[], float]
-
-
-def _known(ring: object, digest: bytes, entry: object) -> bool:
-    """Signature check for a chain already accepted (see ``ChainVerifier._verify_with``)."""
-    return True
 
 
 # Dead-letter header names (Kafka headers and AMQP headers alike).
@@ -205,7 +200,10 @@ class ChainSigner:
         Exactly one of ``origin`` (the first event of a request, at the edge)
         or ``parent`` (a derived event of a verified delivery) is given. A bare
         :class:`Chain` as ``parent`` is for tools that extend a chain they did
-        not consume; ``consumed_event_id`` then names the parent event.
+        not consume. The parent ring's event digest already names, exactly,
+        the event a derived one came from; ``consumed_event_id`` also records
+        that event's id in the new ring (19 bytes more for a UUID), for logs
+        that look events up by id.
 
         Raises:
             TrustError: the policy's reason (``segment_quarantined``,
@@ -222,7 +220,6 @@ class ChainSigner:
             chain = Chain(origin)
         elif isinstance(parent, VerifiedContext):
             chain = parent.chain
-            consumed_event_id = consumed_event_id or parent.event_id
         else:
             assert parent is not None
             chain = parent
@@ -359,10 +356,11 @@ class ChainVerifier:
         digest = wire.digest()
         if wire.chain is None:
             raise TrustError(Reason.MISSING_CHAIN, "the event carries no trustchain attribute")
-        chain = decode_chain(
-            wire.chain, max_bytes=self.limits.max_bytes, max_rings=self.limits.max_rings
-        )
-        return digest, chain
+        text = wire.chain
+        check_chain_text(text, max_bytes=self.limits.max_bytes, max_rings=self.limits.max_rings)
+        cache = self.signature_cache
+        # Rings of a prefix verified before are not decoded again.
+        return digest, cache.decode(text) if cache is not None else decode_rings(text)
 
     def verify(self, wire: WireEvent, destination: str) -> TrustedEvent:
         """Verify ``wire`` as consumed from ``destination`` (no PDP).
@@ -446,19 +444,33 @@ class ChainVerifier:
     ) -> TrustedEvent:
         digest, chain = self.prepare(wire) if prepared is None else prepared
         cache = self.signature_cache
-        check = _known if known else (cache.check if cache is not None else check_signature)
-        context = verify_decoded(
-            chain,
-            bundle=current_bundle(self._bundle),
-            event_digest=digest,
-            destination=destination,
-            now=self._clock() if at is None else at,
-            limits=self.limits,
-            event_id=wire.id,
-            origin_actors=self.origin_actors,
-            trust_domain=self.trust_domain,
-            signature_check=check,
-        )
+        bundle = current_bundle(self._bundle)
+        now = self._clock() if at is None else at
+        if cache is not None and not known:
+            context = cache.verify(
+                chain,
+                bundle=bundle,
+                event_digest=digest,
+                destination=destination,
+                now=now,
+                limits=self.limits,
+                event_id=wire.id,
+                origin_actors=self.origin_actors,
+                trust_domain=self.trust_domain,
+            )
+        else:
+            context = verify_decoded(
+                chain,
+                bundle=bundle,
+                event_digest=digest,
+                destination=destination,
+                now=now,
+                limits=self.limits,
+                event_id=wire.id,
+                origin_actors=self.origin_actors,
+                trust_domain=self.trust_domain,
+                check_signatures=not known,
+            )
         event = wire.to_cloudevent()
         source = self.policy  # read once: a concurrent swap cannot split a decision
         policy = current_policy(source)

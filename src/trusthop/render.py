@@ -29,7 +29,7 @@ def ring_json(ring: OriginRing | HopRing, index: int, ring_hash: bytes) -> dict[
         "index": index,
         "kind": "origin" if isinstance(ring, OriginRing) else "hop",
         "actor": ring.actor,
-        "kid": ring.kid,
+        "key_tag": None if ring.key_tag is None else f"{ring.key_tag:04x}",
         "scope": sorted(ring.scope),
         "iat": ring.iat,
         "exp": ring.exp,
@@ -50,7 +50,6 @@ def ring_json(ring: OriginRing | HopRing, index: int, ring_hash: bytes) -> dict[
             out["amr"] = list(ring.amr)
     else:
         out |= {
-            "prev_hash": b64url_encode(ring.prev_hash),
             "event_digest": b64url_encode(ring.event_digest),
             "destination": ring.destination,
         }
@@ -115,7 +114,8 @@ def chain_text(chain: Chain) -> str:
             if "consumed_event_id" in ring:
                 lines.append(f"    derived from event {ring['consumed_event_id']}")
         lines.append(f"    scope {' '.join(ring['scope']) or '(none)'}")
-        lines.append(f"    valid {window}  kid {ring['kid']}")
+        key = f"key tag {ring['key_tag']}" if ring["key_tag"] is not None else "x5c key"
+        lines.append(f"    valid {window}  {key}")
         for cert in ring.get("x5c", ()):
             san = ", ".join(cert.get("uri_san", [])) or "(unparsable)"
             lines.append(f"    x5c {san}  sha256 {cert['sha256'][:16]}…")

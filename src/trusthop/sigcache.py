@@ -1,72 +1,179 @@
-"""A bounded cache of verified ring signatures (no I/O).
+"""A bounded cache of verified chain prefixes (no I/O).
 
 Fan-out makes the same rings arrive again and again: one parent with many
 derived events shares its prefix, and several consumers of one event in one
-process verify the same chain. :class:`SignatureCache` remembers which
-(ring, public key) pairs verified, so each signature is checked once.
+process verify the same chain. :class:`SignatureCache` remembers chains that
+verified, keyed by their ring bytes, so a new event on a known prefix costs
+one ring's decoding and one signature, and a known chain none.
 
-Soundness: an entry is keyed by the ring's hash, which covers every signed
-field *and* the signature, together with the raw public key the bundle gave
-for the ring's key id. A hit therefore means "this exact signature over these
-exact bytes verified under this exact key", which no bundle change can make
-false. Only successes are stored, so an attacker cannot poison it with
-failures. Revocation and key-to-actor binding are checked before signatures
-on every message (see :mod:`trusthop.verify`), never cached. The verifier
-still clears the cache whenever its bundle or policy is replaced, so memory
-is not spent on keys that left.
+Soundness: an entry is found only by the exact bytes of every ring of the
+prefix, and ring i's signature covers the hash of every ring before it, so
+a hit means "these exact rings, in this order, verified: signatures under
+these exact keys, links and narrowing". What depends on the moment is not
+cached: keys are judged again against the current bundle (revocation,
+retirement, bindings) unless it is the very bundle object they were judged
+against (bundles are immutable), a ring whose key changed is verified again,
+and the delivery (event digest, destination, time) and policy are always
+checked. Only successes are stored, so an attacker cannot poison it; every
+lookup is keyed by bytes an attacker would have to reproduce exactly.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
-from trusthop.bundle import BundleKey
-from trusthop.chain import Ring
+from trusthop.bundle import BundleKey, TrustBundle
+from trusthop.chain import CHAIN_PREFIX, Chain, decode_rings
+from trusthop.verify import Limits, VerifiedContext, VerifiedPrefix, verify_with_keys
 
-DEFAULT_CACHE_SIZE = 16_384
+DEFAULT_CACHE_SIZE = 4096
+_MIN_KEY = len(CHAIN_PREFIX) + 1  # the shortest key: the version and one character
+
+
+class _Entry:
+    """The first ``length`` rings of ``chain`` verified under ``keys`` against
+    ``bundle``; the prefix chain and its :class:`VerifiedPrefix` are built
+    when first looked up."""
+
+    __slots__ = ("bundle", "chain", "keys", "length", "view")
+
+    def __init__(
+        self, chain: Chain, keys: tuple[BundleKey, ...], bundle: TrustBundle, length: int
+    ) -> None:
+        self.chain = chain
+        self.keys = keys
+        self.bundle = bundle
+        self.length = length
+        self.view: tuple[Chain, VerifiedPrefix] | None = None
+
+    def found(self) -> tuple[Chain, VerifiedPrefix]:
+        view = self.view
+        if view is None:
+            chain, length = self.chain, self.length
+            if length < len(chain.ring_bytes):
+                text = chain.encode()
+                for _ in range(len(chain.ring_bytes) - length):
+                    text = text[: text.rfind(".")]
+                chain = Chain._of(
+                    chain.origin,
+                    chain.hops[: length - 1],
+                    chain.ring_bytes[:length],
+                    chain.hashes()[:length],
+                    chain.link_tags[:length],
+                    text,
+                )
+            view = self.view = (chain, VerifiedPrefix(self.keys[:length], self.bundle))
+        return view
 
 
 class SignatureCache:
-    """LRU set of verified (ring hash, public key) pairs.
+    """LRU map from the encoding of verified chain prefixes to what verified.
 
     Args:
         max_entries: the bound; the least recently used entry is evicted
-            beyond it (eviction only costs a signature check again).
+            beyond it (eviction only costs signature checks again). An entry
+            holds its chain (text, ring bytes and decoded rings: about 2 KB
+            for a four-ring chain; a chain and its parent share one).
 
     ``hits`` and ``misses`` count lookups since creation (not reset by
-    :meth:`clear`). Not thread-safe; one cache per event loop.
+    :meth:`clear`); a hit may cover the whole chain or a prefix of it. Not
+    thread-safe; one cache per event loop.
     """
 
     def __init__(self, max_entries: int = DEFAULT_CACHE_SIZE) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def check(self, ring: Ring, digest: bytes, entry: BundleKey) -> bool:
-        """Whether ``ring`` (whose hash is ``digest``) verifies under ``entry``'s key.
+    def lookup(self, text: str, *, count: bool = True) -> tuple[Chain, VerifiedPrefix] | None:
+        """The longest verified prefix of the chain encoded as ``text`` (the
+        whole chain included): its decoded chain and what verified, or
+        ``None``. ``count=False`` leaves :attr:`hits` and :attr:`misses`
+        alone (a second look at the same chain)."""
+        entries = self._entries
+        end = len(text)
+        key = text
+        while True:
+            entry = entries.get(key)
+            if entry is not None:
+                entries.move_to_end(key)
+                self.hits += count
+                return entry.found()
+            end = text.rfind(".", 0, end)
+            if end < _MIN_KEY:  # only the version is left
+                self.misses += count
+                return None
+            key = text[:end]
 
-        The same answer as verifying directly; verifies only on a miss.
-        Matches :data:`trusthop.verify.SignatureCheck` (the verifier passes
-        the hash it computed for the chain's links anyway).
+    def remember(self, chain: Chain, keys: Sequence[BundleKey], bundle: TrustBundle) -> None:
+        """Record that ``chain`` verified with ``keys`` (one per ring) against
+        ``bundle``; so does the chain without its newest ring, which the next
+        event derived from the same parent shares."""
+        entries = self._entries
+        full = chain.encode()
+        frozen = tuple(keys)
+        length = len(frozen)
+        entries[full] = _Entry(chain, frozen, bundle, length)
+        entries.move_to_end(full)
+        parent = full[: full.rfind(".")]
+        known = entries.get(parent)
+        if known is None or known.bundle is not bundle:
+            entries[parent] = _Entry(chain, frozen, bundle, length - 1)
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
+
+    def decode(self, text: str) -> Chain:
+        """:func:`~trusthop.chain.decode_rings` of an already checked chain
+        text (:func:`~trusthop.chain.check_chain_text`), reusing the rings of
+        the longest verified prefix instead of decoding them again.
+
+        Raises:
+            TrustError(malformed): as :func:`~trusthop.chain.decode_rings`.
         """
-        key = (digest, entry.key.raw)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return True
-        self.misses += 1
-        if not entry.key.verify(ring.signature, ring.signing_input()):
-            return False
-        self._entries[key] = None
-        if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-        return True
+        known = self.lookup(text, count=False)
+        return decode_rings(text, known[0] if known is not None else None)
+
+    def verify(
+        self,
+        chain: Chain,
+        *,
+        bundle: TrustBundle,
+        event_digest: bytes,
+        destination: str,
+        now: float,
+        limits: Limits,
+        event_id: str | None = None,
+        origin_actors: frozenset[str] | None = None,
+        trust_domain: str | None = None,
+    ) -> VerifiedContext:
+        """:func:`~trusthop.verify.verify_decoded`, skipping what this cache
+        knows verified; a chain that verifies is remembered.
+
+        Raises:
+            TrustError: as :func:`~trusthop.verify.verify_decoded`.
+        """
+        known = self.lookup(chain.encode())
+        context, keys = verify_with_keys(
+            chain,
+            bundle=bundle,
+            event_digest=event_digest,
+            destination=destination,
+            now=now,
+            limits=limits,
+            event_id=event_id,
+            origin_actors=origin_actors,
+            trust_domain=trust_domain,
+            verified=known[1] if known is not None else None,
+        )
+        self.remember(chain, keys, bundle)
+        return context
 
     def clear(self) -> None:
         """Forget every entry (counters are kept)."""

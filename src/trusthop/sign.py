@@ -21,11 +21,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from trusthop.bundle import BundleKey
-from trusthop.chain import MAX_SCOPE_ENTRIES, Chain, HopRing, OriginRing, check_ring_fields
+from trusthop.chain import (
+    HOP_DOMAIN,
+    MAX_SCOPE_ENTRIES,
+    ORIGIN_DOMAIN,
+    Chain,
+    OriginRing,
+    hop_body_of,
+    new_hop_ring,
+    origin_body,
+    scope_problem,
+    text_problem,
+)
 from trusthop.errors import Reason, TrustError
 from trusthop.keys import SigningKey
-from trusthop.spiffe import SpiffeId, trust_domain_of, validate_spiffe_id
-from trusthop.verify import check_narrowing
+from trusthop.spiffe import trust_domain_of, validate_spiffe_id
+from trusthop.verify import check_scope
 from trusthop.x509svid import certificate_window, check_leaf, load_chain
 
 DEFAULT_ORIGIN_TTL = 24 * 3600
@@ -54,9 +65,11 @@ class Identity:
     kid: str
     certificates: tuple[bytes, ...] = ()
     _window: tuple[int, int] | None = field(default=None, init=False, repr=False, compare=False)
+    _domain: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         validate_spiffe_id(self.actor)
+        object.__setattr__(self, "_domain", trust_domain_of(self.actor))
         if self.certificates:
             object.__setattr__(self, "_window", _check_svid_identity(self))
 
@@ -109,6 +122,17 @@ class Identity:
     def x5c(self) -> tuple[bytes, ...] | None:
         """What rings signed by this identity carry as ``x5c``."""
         return self.certificates or None
+
+    @property
+    def trust_domain(self) -> str:
+        """The trust domain of :attr:`actor`."""
+        return self._domain
+
+    @property
+    def key_tag(self) -> int | None:
+        """What rings signed by this identity name their key by (``None``
+        with certificates: the key is the leaf's)."""
+        return None if self.certificates else self.key.public_key.key_tag
 
     def check_certificates(self, at: int) -> None:
         """Refuse to sign at ``at`` outside the validity of every certificate.
@@ -173,6 +197,9 @@ def _scope(scope: Iterable[str]) -> frozenset[str]:
     out = frozenset(scope)
     if len(out) > MAX_SCOPE_ENTRIES or not all(isinstance(s, str) and s for s in out):
         raise ValueError(f"scope must hold at most {MAX_SCOPE_ENTRIES} non-empty strings")
+    problem = scope_problem(sorted(out))
+    if problem is not None:
+        raise TrustError(Reason.MALFORMED, f"scope {problem}")
     return out
 
 
@@ -202,7 +229,7 @@ def mint_origin(
     identity.check_certificates(iat)
     ring = OriginRing(
         actor=identity.actor,
-        kid=identity.kid,
+        key_tag=identity.key_tag,
         iat=iat,
         exp=iat + ttl,
         scope=_scope(scope),
@@ -210,13 +237,32 @@ def mint_origin(
         issuer=issuer,
         credential_hash=hash_credential(credential),
         transaction_id=transaction_id or str(uuid.uuid4()),
-        trust_domain=SpiffeId.parse(identity.actor).trust_domain,
         acr=acr,
         amr=tuple(amr) if amr is not None else None,
         x5c=identity.x5c,
     )
-    check_ring_fields(ring, 0)
-    return replace(ring, signature=identity.key.sign(ring.signing_input()))
+    for what, value in (
+        ("subject", subject),
+        ("issuer", issuer),
+        ("transaction id", ring.transaction_id),
+        ("acr", acr),
+        *(("amr entry", m) for m in ring.amr or ()),
+    ):
+        if value is not None:
+            _require_text(what, value, 0)
+    body = origin_body(ring)
+    return replace(ring, signature=identity.key.sign(ORIGIN_DOMAIN + body))
+
+
+def _require_text(what: str, value: str, index: int) -> None:
+    """The decoder's text rule, applied before signing.
+
+    Raises:
+        TrustError(malformed): naming the field.
+    """
+    problem = text_problem(value)
+    if problem is not None:
+        raise TrustError(Reason.MALFORMED, f"ring {index}: {what} {problem}", ring=index)
 
 
 def append_hop(
@@ -243,29 +289,56 @@ def append_hop(
             domain — what a consumer would answer.
     """
     prev = chain.newest
-    if trust_domain_of(identity.actor) != chain.origin.trust_domain:
+    domain = chain.origin.trust_domain
+    if identity.trust_domain != domain:
         raise TrustError(
             Reason.UNAUTHORIZED_ACTOR,
-            f"{identity.actor} is outside trust domain {chain.origin.trust_domain}",
+            f"{identity.actor} is outside trust domain {domain}",
         )
     iat = max(int(now), prev.iat)
     exp = min(iat + ttl, prev.exp)
     if exp < iat:
         raise TrustError(Reason.EXPIRED, f"the parent chain expired at {prev.exp}")
     identity.check_certificates(iat)
-    hop = HopRing(
-        actor=identity.actor,
-        kid=identity.kid,
-        iat=iat,
-        exp=exp,
-        scope=prev.scope if scope is None else _scope(scope),
-        prev_hash=chain.hashes()[-1],
-        event_digest=event_digest,
-        destination=destination,
-        consumed_event_id=consumed_event_id,
-        peer=peer,
-        x5c=identity.x5c,
+    index = len(chain.hops) + 1
+    _require_text("destination", destination, index)
+    if consumed_event_id is not None:
+        _require_text("consumed event id", consumed_event_id, index)
+    if peer is not None:
+        _require_text("peer", peer, index)
+    if type(event_digest) is not bytes or len(event_digest) != 32:
+        raise TrustError(Reason.MALFORMED, f"ring {index}: event digest must be 32 bytes")
+    new_scope = prev.scope if scope is None else _scope(scope)
+    check_scope(prev, new_scope, index)  # the window narrows by construction
+    prev_hash = chain.hashes()[-1]
+    actor, key_tag, x5c = identity.actor, identity.key_tag, identity.x5c
+    body = hop_body_of(
+        actor,
+        key_tag,
+        iat,
+        exp,
+        new_scope,
+        event_digest,
+        destination,
+        consumed_event_id,
+        peer,
+        x5c,
+        prev=prev,
+        trust_domain=domain,
+        prev_hash=prev_hash,
     )
-    check_ring_fields(hop, len(chain.hops) + 1)
-    check_narrowing(prev, hop, len(chain.hops) + 1)
-    return chain.appended(replace(hop, signature=identity.key.sign(hop.signing_input())))
+    signature = identity.key.sign(HOP_DOMAIN + prev_hash + body)
+    hop = new_hop_ring(
+        actor,
+        key_tag,
+        iat,
+        exp,
+        new_scope,
+        event_digest,
+        destination,
+        consumed_event_id,
+        peer,
+        signature,
+        x5c,
+    )
+    return chain.appended(hop, body)

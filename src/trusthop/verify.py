@@ -12,40 +12,46 @@ rule in this order:
 3. keys, oldest ring first: the expected trust domain and origin actors
    (``unauthorized_actor``, when the verifier was given them); then per ring
 
-   * without ``x5c``: key lookup (``unknown_key``), revocation of the key,
-     the actor or its segment, or a ring signed after its key was retired
-     (``revoked``), key-to-actor binding and trust domain
-     (``unauthorized_actor``);
+   * without ``x5c``: the actor's key with the ring's key tag
+     (``unknown_key``), revocation of the key, the actor or its segment, or
+     a ring signed after its key was retired (``revoked``);
    * with ``x5c`` (an X.509-SVID, :mod:`trusthop.x509svid`): the chain
      validates to the X.509 authorities of the origin's trust domain at the
      ring's ``iat`` (``bad_certificate``), its SPIFFE ID is the ring's actor
-     (``unauthorized_actor``), ``kid`` is the leaf key's RFC 7638 thumbprint
-     (``bad_certificate``), no bundle entry of that ``kid`` is revoked or
+     (``unauthorized_actor``), no bundle entry of its key is revoked or
      retired before ``iat`` and the actor and its segment are not revoked
-     (``revoked``), a bundle entry of that ``kid`` binds no other actor and
-     the actor is in the trust domain (``unauthorized_actor``);
-4. every signature (``bad_signature``);
-5. links and narrowing, oldest first: ``broken_link``, ``scope_escalation``,
+     (``revoked``), a bundle entry of its key binds no other actor
+     (``unauthorized_actor``);
+4. every signature, oldest first (``bad_signature``; ``broken_link`` when
+   the ring's link tag shows it was signed after another ring than the one
+   before it: a ring removed, reordered, replaced or spliced);
+5. links and narrowing, oldest first: a signed link tag that is not the
+   previous ring's (``broken_link``), ``scope_escalation``,
    ``window_escalation``;
 6. the newest ring against the delivery: event digest (``event_mismatch``),
    destination (``wrong_destination``), time (``expired``,
    ``not_yet_valid``).
 
 Signatures come before every rule about what the rings say, so a content
-reason (``scope_escalation``, ``broken_link``...) always describes what real
-keys signed; an unsigned edit is ``bad_signature``.
+reason (``scope_escalation``, ``window_escalation``...) always describes what
+real keys signed; an unsigned edit is ``bad_signature`` (or ``broken_link``
+when it changed a link tag).
+
+A :class:`VerifiedPrefix` lets a caller that verified the leading rings of
+a chain before (:class:`~trusthop.sigcache.SignatureCache`) skip their
+signatures, links and narrowing: they are bound to the new chain by its
+ring bytes. Their keys are judged again unless the bundle is the very one
+they were judged against.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from trusthop.bundle import BundleKey, TrustBundle
-from trusthop.chain import Chain, HopRing, OriginRing, Ring, decode_chain
+from trusthop.chain import Chain, HopRing, OriginRing, Ring, decode_chain, link_tag
 from trusthop.errors import Reason, TrustError
-from trusthop.spiffe import trust_domain_of
 from trusthop.x509svid import validate_svid
 
 
@@ -107,37 +113,43 @@ class VerifiedContext:
         return self.chain.hashes()[-1]
 
 
-def check_binding(
-    ring: Ring, index: int, entry: BundleKey | None, bundle: TrustBundle, trust_domain: str
-) -> BundleKey:
-    """Key lookup, revocation and actor binding for one ring."""
+@dataclass(frozen=True, slots=True)
+class VerifiedPrefix:
+    """The first ``len(keys)`` rings of a chain verified before: their
+    signatures under ``keys``, their links and narrowing; ``bundle`` is the
+    bundle their keys were last judged against."""
+
+    keys: tuple[BundleKey, ...]
+    bundle: TrustBundle
+
+
+def _key_name(ring: Ring) -> str:
+    return f"key tag {ring.key_tag:#06x} of {ring.actor}"
+
+
+def check_bundle_key(ring: Ring, index: int, bundle: TrustBundle) -> BundleKey:
+    """Key lookup and revocation for a ring without ``x5c``."""
+    assert ring.key_tag is not None
+    entry = bundle.key_for(ring.actor, ring.key_tag)
     if entry is None:
         raise TrustError(
             Reason.UNKNOWN_KEY,
-            f"ring {index}: key id {ring.kid!r} is not in the trust bundle",
+            f"ring {index}: the trust bundle holds no {_key_name(ring)}",
             ring=index,
         )
     if entry.revoked:
-        raise TrustError(Reason.REVOKED, f"ring {index}: key {ring.kid!r} is revoked", ring=index)
+        raise TrustError(
+            Reason.REVOKED,
+            f"ring {index}: {_key_name(ring)} ({entry.kid!r}) is revoked",
+            ring=index,
+        )
     if bundle.is_revoked_actor(ring.actor):
         raise TrustError(Reason.REVOKED, f"ring {index}: actor {ring.actor} is revoked", ring=index)
     if entry.retired_at is not None and ring.iat > entry.retired_at:
         raise TrustError(
             Reason.REVOKED,
-            f"ring {index}: key {ring.kid!r} was retired at {entry.retired_at}, "
+            f"ring {index}: key {entry.kid!r} was retired at {entry.retired_at}, "
             f"the ring was signed later ({ring.iat})",
-            ring=index,
-        )
-    if entry.actor != ring.actor:
-        raise TrustError(
-            Reason.UNAUTHORIZED_ACTOR,
-            f"ring {index}: key {ring.kid!r} belongs to {entry.actor}, not {ring.actor}",
-            ring=index,
-        )
-    if trust_domain_of(ring.actor) != trust_domain:
-        raise TrustError(
-            Reason.UNAUTHORIZED_ACTOR,
-            f"ring {index}: actor {ring.actor} is outside trust domain {trust_domain}",
             ring=index,
         )
     return entry
@@ -162,48 +174,42 @@ def check_svid(ring: Ring, index: int, bundle: TrustBundle, trust_domain: str) -
             f"ring {index}: the certificate is an SVID of {spiffe_id}, not of {ring.actor}",
             ring=index,
         )
-    if key.thumbprint != ring.kid:
-        raise TrustError(
-            Reason.BAD_CERTIFICATE,
-            f"ring {index}: key id {ring.kid!r} is not the thumbprint of the certificate's key",
-            ring=index,
-        )
-    entry = bundle.get(ring.kid)
+    entry = bundle.entry_of(key)
+    kid = entry.kid if entry is not None else key.thumbprint
     if entry is not None and entry.revoked:
-        raise TrustError(Reason.REVOKED, f"ring {index}: key {ring.kid!r} is revoked", ring=index)
+        raise TrustError(Reason.REVOKED, f"ring {index}: key {kid!r} is revoked", ring=index)
     if bundle.is_revoked_actor(ring.actor):
         raise TrustError(Reason.REVOKED, f"ring {index}: actor {ring.actor} is revoked", ring=index)
     if entry is not None and entry.retired_at is not None and ring.iat > entry.retired_at:
         raise TrustError(
             Reason.REVOKED,
-            f"ring {index}: key {ring.kid!r} was retired at {entry.retired_at}, "
+            f"ring {index}: key {kid!r} was retired at {entry.retired_at}, "
             f"the ring was signed later ({ring.iat})",
             ring=index,
         )
     if entry is not None and entry.actor != ring.actor:
         raise TrustError(
             Reason.UNAUTHORIZED_ACTOR,
-            f"ring {index}: the bundle binds key {ring.kid!r} to {entry.actor}, not {ring.actor}",
+            f"ring {index}: the bundle binds key {kid!r} to {entry.actor}, not {ring.actor}",
             ring=index,
         )
-    if trust_domain_of(ring.actor) != trust_domain:
-        raise TrustError(
-            Reason.UNAUTHORIZED_ACTOR,
-            f"ring {index}: actor {ring.actor} is outside trust domain {trust_domain}",
-            ring=index,
-        )
-    return BundleKey(ring.kid, ring.actor, key)
+    return BundleKey(kid, ring.actor, key)
 
 
-def check_narrowing(prev: Ring, ring: HopRing, index: int) -> None:
-    """Monotonic narrowing: scope subset and window inside the previous ring's."""
-    if not ring.scope <= prev.scope:
-        extra = ", ".join(sorted(ring.scope - prev.scope))
+def check_scope(prev: Ring, scope: frozenset[str], index: int) -> None:
+    """Monotonic narrowing of scope: ring ``index``'s is a subset of ``prev``'s."""
+    if scope is not prev.scope and not scope <= prev.scope:
+        extra = ", ".join(sorted(scope - prev.scope))
         raise TrustError(
             Reason.SCOPE_ESCALATION,
             f"ring {index} adds scope not granted before it: {extra}",
             ring=index,
         )
+
+
+def check_narrowing(prev: Ring, ring: HopRing, index: int) -> None:
+    """Monotonic narrowing: scope subset and window inside the previous ring's."""
+    check_scope(prev, ring.scope, index)
     if ring.iat < prev.iat or ring.exp > prev.exp or ring.iat > ring.exp:
         raise TrustError(
             Reason.WINDOW_ESCALATION,
@@ -232,15 +238,13 @@ def check_window(ring: Ring, now: float, leeway: int, max_age: int | None = None
         raise TrustError(Reason.NOT_YET_VALID, f"chain is valid from {ring.iat} (now {int(now)})")
 
 
-def check_keys(
-    chain: Chain,
-    bundle: TrustBundle,
+def check_origin(
+    origin: OriginRing,
     *,
     origin_actors: frozenset[str] | None = None,
     trust_domain: str | None = None,
-) -> list[BundleKey]:
-    """Step 3 of the module contract: every ring's key, oldest first."""
-    origin = chain.origin
+) -> None:
+    """The verifier's own requirements on ring 0 (step 3, first part)."""
     if trust_domain is not None and origin.trust_domain != trust_domain:
         raise TrustError(
             Reason.UNAUTHORIZED_ACTOR,
@@ -253,40 +257,63 @@ def check_keys(
             f"ring 0: {origin.actor} is not allowed to mint origin rings",
             ring=0,
         )
-    domain = origin.trust_domain
+
+
+def check_keys(
+    chain: Chain,
+    bundle: TrustBundle,
+    *,
+    origin_actors: frozenset[str] | None = None,
+    trust_domain: str | None = None,
+    start: int = 0,
+) -> list[BundleKey]:
+    """Step 3 of the module contract: the keys of rings ``start`` onwards,
+    oldest first (the origin requirements always)."""
+    check_origin(chain.origin, origin_actors=origin_actors, trust_domain=trust_domain)
+    domain = chain.origin.trust_domain
+    rings = chain.rings
     return [
-        check_svid(ring, index, bundle, domain)
-        if ring.x5c is not None
-        else check_binding(ring, index, bundle.get(ring.kid), bundle, domain)
-        for index, ring in enumerate(chain.rings)
+        check_bundle_key(rings[index], index, bundle)
+        if rings[index].x5c is None
+        else check_svid(rings[index], index, bundle, domain)
+        for index in range(start, len(rings))
     ]
 
 
-def check_links(chain: Chain) -> None:
-    """Step 5: every ring names its predecessor's hash and only narrows."""
-    origin = chain.origin
-    if origin.iat > origin.exp:
-        raise TrustError(Reason.WINDOW_ESCALATION, "ring 0 window ends before it starts", ring=0)
+def check_signature(chain: Chain, index: int, entry: BundleKey) -> None:
+    """Step 4 for ring ``index``: its signature under ``entry``'s key.
+
+    Raises:
+        TrustError: ``broken_link`` when the signature fails and the ring's
+            link tag names another previous ring, else ``bad_signature``.
+    """
+    ring = chain.origin if index == 0 else chain.hops[index - 1]
+    if entry.key.verify(ring.signature, chain.signing_input(index)):
+        return
+    if index and chain.link_tags[index] != link_tag(chain.hashes()[index - 1]):
+        raise TrustError(
+            Reason.BROKEN_LINK,
+            f"ring {index} was signed after another ring than ring {index - 1}",
+            ring=index,
+        )
+    raise TrustError(Reason.BAD_SIGNATURE, f"ring {index}: signature does not verify", ring=index)
+
+
+def check_links(chain: Chain, start: int = 1) -> None:
+    """Step 5: every ring from ``start`` on names its predecessor and only narrows."""
+    rings = chain.rings
+    tags = chain.link_tags
     hashes = chain.hashes()
-    prev: Ring = origin
-    for index, hop in enumerate(chain.hops, start=1):
-        if hop.prev_hash != hashes[index - 1]:
+    for index in range(max(start, 1), len(rings)):
+        hop = rings[index]
+        assert isinstance(hop, HopRing)
+        if tags[index] != link_tag(hashes[index - 1]):
             raise TrustError(
                 Reason.BROKEN_LINK,
-                f"ring {index} does not name the hash of ring {index - 1}",
+                f"ring {index} names another previous ring than ring {index - 1}",
                 ring=index,
             )
-        check_narrowing(prev, hop, index)
-        prev = hop
-
-
-SignatureCheck = Callable[[Ring, bytes, BundleKey], bool]
-"""``(ring, ring hash, bundle entry) -> verifies``; see :func:`verify_decoded`."""
-
-
-def check_signature(ring: Ring, digest: bytes, entry: BundleKey) -> bool:
-    """Verify ``ring``'s signature under ``entry``'s key (``digest`` unused)."""
-    return entry.key.verify(ring.signature, ring.signing_input())
+        check_narrowing(rings[index - 1], hop, index)
 
 
 def verify_decoded(
@@ -300,55 +327,112 @@ def verify_decoded(
     event_id: str | None = None,
     origin_actors: frozenset[str] | None = None,
     trust_domain: str | None = None,
-    signature_check: SignatureCheck = check_signature,
+    verified: VerifiedPrefix | None = None,
+    check_signatures: bool = True,
 ) -> VerifiedContext:
     """Verify an already decoded chain (see :func:`verify_chain`).
 
-    ``signature_check`` lets a caller skip signatures it has already verified
-    (:class:`~trusthop.sigcache.SignatureCache`); it gets each ring, its hash
-    (which covers the signature) and its bundle entry, and must return the
-    same answer as :func:`check_signature` for every ring it is asked about.
+    ``verified`` names leading rings verified before (module docstring);
+    ``check_signatures=False`` skips every signature, for a chain whose
+    newest ring's hash (which covers every ring's bytes) the caller accepted
+    before (:mod:`trusthop.admission`): keys, links, narrowing and the
+    delivery are still checked.
     """
-    newest = chain.newest
+    return verify_with_keys(
+        chain,
+        bundle=bundle,
+        event_digest=event_digest,
+        destination=destination,
+        now=now,
+        limits=limits,
+        event_id=event_id,
+        origin_actors=origin_actors,
+        trust_domain=trust_domain,
+        verified=verified,
+        check_signatures=check_signatures,
+    )[0]
+
+
+def verify_with_keys(
+    chain: Chain,
+    *,
+    bundle: TrustBundle,
+    event_digest: bytes,
+    destination: str,
+    now: float,
+    limits: Limits = Limits(),
+    event_id: str | None = None,
+    origin_actors: frozenset[str] | None = None,
+    trust_domain: str | None = None,
+    verified: VerifiedPrefix | None = None,
+    check_signatures: bool = True,
+) -> tuple[VerifiedContext, list[BundleKey]]:
+    """:func:`verify_decoded`, also returning the bundle entry each ring's
+    signature is checked under (what a cache of verified prefixes records)."""
+    rings = chain.rings
+    newest = rings[-1]
     if not isinstance(newest, HopRing):
         # Structure (step 2) comes before any key lookup (step 3).
         raise TrustError(Reason.MALFORMED, "chain has an origin ring but no hop ring")
-    entries = check_keys(chain, bundle, origin_actors=origin_actors, trust_domain=trust_domain)
+    known = 0
+    if verified is not None and len(verified.keys) <= len(rings):
+        known = len(verified.keys)
+        if verified.bundle is bundle:
+            check_origin(chain.origin, origin_actors=origin_actors, trust_domain=trust_domain)
+            entries = [
+                *verified.keys,
+                *check_keys(
+                    chain,
+                    bundle,
+                    origin_actors=origin_actors,
+                    trust_domain=trust_domain,
+                    start=known,
+                ),
+            ]
+        else:
+            entries = check_keys(
+                chain, bundle, origin_actors=origin_actors, trust_domain=trust_domain
+            )
+            # A ring verified under another key than the one now bundled is not known.
+            for index in range(known):
+                if entries[index].key != verified.keys[index].key:
+                    known = index
+                    break
+    else:
+        entries = check_keys(chain, bundle, origin_actors=origin_actors, trust_domain=trust_domain)
     # Signatures before any rule about the rings' contents: a reason such as
     # scope_escalation then always names what a real key really signed.
-    hashes = chain.hashes()
-    for index, (ring, entry) in enumerate(zip(chain.rings, entries, strict=True)):
-        if not signature_check(ring, hashes[index], entry):
-            raise TrustError(
-                Reason.BAD_SIGNATURE, f"ring {index}: signature does not verify", ring=index
-            )
-    check_links(chain)
+    if check_signatures:
+        for index in range(known, len(rings)):
+            check_signature(chain, index, entries[index])
+    check_links(chain, start=known)
     if newest.event_digest != event_digest:
         raise TrustError(
             Reason.EVENT_MISMATCH,
             "the event does not match the digest signed by the newest ring",
-            ring=len(chain.hops),
+            ring=len(rings) - 1,
         )
     if newest.destination != destination:
         raise TrustError(
             Reason.WRONG_DESTINATION,
             f"signed for {newest.destination!r} but consumed from {destination!r}",
-            ring=len(chain.hops),
+            ring=len(rings) - 1,
         )
     check_window(newest, now, limits.leeway, limits.max_age)
-    origin: OriginRing = chain.origin
-    return VerifiedContext(
-        subject=origin.subject,
-        issuer=origin.issuer,
-        transaction_id=origin.transaction_id,
-        trust_domain=origin.trust_domain,
-        scope=newest.scope,
-        actors=tuple(r.actor for r in chain.rings),
-        destination=destination,
-        expires_at=newest.exp,
-        chain=chain,
-        event_id=event_id,
+    origin = chain.origin
+    context = VerifiedContext(
+        origin.subject,
+        origin.issuer,
+        origin.transaction_id,
+        origin.trust_domain,
+        newest.scope,
+        tuple([r.actor for r in rings]),
+        destination,
+        newest.exp,
+        chain,
+        event_id,
     )
+    return context, entries
 
 
 def unverified_context(

@@ -31,15 +31,15 @@ from trusthop.bench.measure import (
 )
 from trusthop.bench.report import Figure, Target, not_measured
 from trusthop.bench.workload import ISSUER, SCOPE, SUBJECT, Sealed, Workload, new_event
-from trusthop.canonical import b64url_encode, pack
-from trusthop.chain import Chain, decode_chain, ring_map
+from trusthop.canonical import b64url_encode
+from trusthop.chain import Chain, check_chain_text
 from trusthop.destination import kafka_destination
 from trusthop.pipeline import ChainSigner, ChainVerifier
 from trusthop.replay import DeliveryInfo
 from trusthop.sigcache import SignatureCache
 from trusthop.sign import append_hop
 from trusthop.stores.memory import MemoryReplayStore
-from trusthop.verify import Limits, verify_decoded
+from trusthop.verify import Limits
 
 DEPTHS = (1, 2, 4, 8, 16)
 """Hop rings after the origin; a depth-d chain carries d + 1 signatures."""
@@ -98,7 +98,7 @@ class Micro:
         self.s = settings
         self.limits = Limits()
         consumer = workload.chain(CONSUMER_DEPTH)
-        self.message = consumer.chain.newest.signing_input()
+        self.message = consumer.chain.signing_input(CONSUMER_DEPTH)
         self.backends = raw_backends(self.message)
         self.fastest = self.backends[keys.available_ed25519_backends()[0]]
         self.raw_verify_us: dict[str, float] = {}
@@ -115,32 +115,29 @@ class Micro:
         return lambda: factor * per_op(operation, count)
 
     def _verify(self, verifier: ChainVerifier, cache: SignatureCache, sealed: Sealed) -> None:
-        verify_decoded(
-            decode_chain(
-                sealed.encoded, max_bytes=self.limits.max_bytes, max_rings=self.limits.max_rings
-            ),
+        """Decode and verify ``sealed``'s chain through ``cache`` (what a
+        consumer does after computing the event digest)."""
+        text = sealed.encoded
+        check_chain_text(text, max_bytes=self.limits.max_bytes, max_rings=self.limits.max_rings)
+        cache.verify(
+            cache.decode(text),
             bundle=self.w.bundle,
             event_digest=sealed.chain.newest.event_digest,  # type: ignore[union-attr]
             destination=sealed.destination,
             now=self.w.now,
             limits=self.limits,
             origin_actors=verifier.origin_actors,
-            signature_check=cache.check,
         )
 
-    def _warm(self, cache: SignatureCache, prefix: Chain) -> None:
-        hashes = prefix.hashes()
-        for index, ring in enumerate(prefix.rings):
-            entry = self.w.bundle.get(ring.kid)
-            assert entry is not None
-            assert cache.check(ring, hashes[index], entry)
+    def _warm(self, cache: SignatureCache, prefix: Sealed | None) -> None:
+        """Make ``prefix`` (the origin alone when ``None``) a verified prefix
+        of ``cache``: verify one event derived from it."""
+        sibling = self._fresh_hops(prefix, 1, kafka_destination("sibling"))[0]
+        self._verify(self.w.verifier(), cache, sibling)
 
     def _fresh_hops(self, prefix: Sealed | None, count: int, destination: str) -> list[Sealed]:
         parent = Chain(self.w.origin) if prefix is None else prefix.chain
-        consumed = None if prefix is None else prefix.wire.id
-        return [
-            self.w.extend(parent, destination=destination, consumed=consumed) for _ in range(count)
-        ]
+        return [self.w.extend(parent, destination=destination) for _ in range(count)]
 
     # ------------------------------------------------------------- figures
 
@@ -228,16 +225,21 @@ class Micro:
         cache = SignatureCache()
         for depth in DEPTHS:
             prefix = self.w.chain(depth - 1) if depth > 1 else None
-            prefix_chain = prefix.chain if prefix is not None else Chain(self.w.origin)
             destination = kafka_destination("warm")
             probe = self._fresh_hops(prefix, 1, destination)[0]
-            self._warm(cache, prefix_chain)
-            count = self._n(partial(self._verify, verifier, cache, probe))
+            self._warm(cache, prefix)
+
+            def probe_op(probe: Sealed = probe, prefix: Sealed | None = prefix) -> None:
+                cache.clear()
+                self._warm(cache, prefix)
+                self._verify(verifier, cache, probe)
+
+            count = max(1, self._n(probe_op) // 2)
             hops = self._fresh_hops(prefix, count, destination)
 
-            def batch(hops: list[Sealed] = hops, prefix_chain: Chain = prefix_chain) -> float:
+            def batch(hops: list[Sealed] = hops, prefix: Sealed | None = prefix) -> float:
                 cache.clear()
-                self._warm(cache, prefix_chain)
+                self._warm(cache, prefix)
                 start = time.perf_counter()
                 for sealed in hops:
                     self._verify(verifier, cache, sealed)
@@ -273,7 +275,6 @@ class Micro:
                 event_digest=digest,
                 destination=destination,
                 now=self.w.now,
-                consumed_event_id=parent_sealed.wire.id,
             )
 
         count = self._n(op)
@@ -290,18 +291,24 @@ class Micro:
         ]
 
     def ring_bytes(self) -> list[Figure]:
-        """Encoded (base64url) bytes a ring adds to the ``trustchain`` attribute."""
-        deep = self.w.chain(4)
-        sizes = []
-        chain = deep.chain
-        for count in range(len(chain.hops) + 1):
-            partial = Chain(chain.origin, chain.hops[:count])
-            sizes.append(len(partial.encode()))
-        derived = [sizes[i + 1] - sizes[i] for i in range(1, len(sizes) - 1)]
-        first_hop = sizes[1] - sizes[0]
-        origin = len(b64url_encode(pack(ring_map(chain.origin))))
-        newest = chain.hops[-1]
-        fields = {str(k): len(pack(v)) + len(pack(k)) for k, v in sorted(ring_map(newest).items())}
+        """Encoded (base64url) characters a ring adds to the ``trustchain`` attribute.
+
+        A hop as :class:`~trusthop.pipeline.ChainSigner` seals a derived
+        event (scope and end of validity inherited); the detail also gives a
+        hop that records the consumed event's id and one that narrows scope.
+        """
+
+        def increments(chain: Chain) -> list[int]:
+            sizes = [len(Chain(chain.origin, chain.hops[:n]).encode()) for n in range(1, 6)]
+            return [sizes[i + 1] - sizes[i] for i in range(len(sizes) - 1)]
+
+        deep = self.w.chain(5)
+        derived = increments(deep.chain)
+        with_id = increments(self.w.chain(5, consumed=True).chain)
+        narrowing = increments(self.w.chain(5, narrow=True).chain)
+        newest = deep.chain.ring_bytes[-1]
+        origin_bytes = deep.chain.ring_bytes[0]
+        origin = len(b64url_encode(origin_bytes)) + 1  # and its dot
         return [
             Figure(
                 "ring_bytes_hop",
@@ -310,26 +317,25 @@ class Micro:
                 Target("<=", 200),
                 detail={
                     "derived_hop": max(derived),
-                    "first_hop": first_hop,
-                    "msgpack_bytes": len(pack(ring_map(newest))),
-                    "msgpack_bytes_by_field": fields,
-                    "kid_chars": len(newest.kid),
-                    "actor_chars": len(newest.actor),
+                    "first_hop": increments(deep.chain)[0],
+                    "ring_bytes": len(newest),
+                    "with_consumed_event_id": max(with_id),
+                    "narrowing_scope": max(narrowing),
+                    "actor_path_chars": len(deep.chain.hops[-1].actor.split("/", 3)[3]) + 1,
                 },
-                summary=f"a derived hop adds {max(derived)} chars (the edge's first hop "
-                f"{first_hop}); {len(pack(ring_map(newest)))} msgpack bytes before base64url",
+                summary=f"a derived hop adds {max(derived)} chars ({len(newest)} bytes: "
+                f"64 signature, 32 event digest, actor path, key and link tags, destination, "
+                f"iat); {max(with_id)} naming the consumed event, {max(narrowing)} narrowing "
+                "scope",
             ),
             Figure(
                 "ring_bytes_origin",
                 float(origin),
                 "bytes",
                 Target("<=", 350),
-                detail={
-                    "msgpack_bytes": len(pack(ring_map(chain.origin))),
-                    "origin_only_chain_chars": sizes[0],
-                },
-                summary=f"origin ring {origin} chars ({len(pack(ring_map(chain.origin)))} "
-                "msgpack bytes)",
+                detail={"ring_bytes": len(origin_bytes)},
+                summary=f"origin ring {origin} chars ({len(origin_bytes)} bytes: 64 signature, "
+                "32 credential hash, 16 transaction id, actor, subject, issuer, scope, times)",
             ),
         ]
 
@@ -380,14 +386,14 @@ class Micro:
         verifier = self.w.verifier()
         cache = SignatureCache()
         prefix = self.w.chain(CONSUMER_DEPTH - 1)
-        self._warm(cache, prefix.chain)
+        self._warm(cache, prefix)
         probe = self._fresh_hops(prefix, 1, kafka_destination("warm"))[0]
         count = self._n(lambda: self._verify(verifier, cache, probe))
         hops = self._fresh_hops(prefix, count, kafka_destination("warm"))
 
         def warm_batch() -> float:
             cache.clear()
-            self._warm(cache, prefix.chain)
+            self._warm(cache, prefix)
             start = time.perf_counter()
             for sealed in hops:
                 self._verify(verifier, cache, sealed)
@@ -451,7 +457,7 @@ class Micro:
 
         def verify_batch() -> float:
             cache.clear()
-            self._warm(cache, parent.chain)
+            self._warm(cache, parent)
             start = time.perf_counter()
             for sealed in hops:
                 verifier.verify(sealed.wire, destination)
@@ -477,7 +483,7 @@ class Micro:
 
         def admit_batch() -> float:
             cache.clear()
-            self._warm(cache, parent.chain)
+            self._warm(cache, parent)
             admission = Admission(verifier, scope="bench", store=MemoryReplayStore())
             return asyncio.run(admit_all(admission))
 
@@ -548,7 +554,7 @@ class Micro:
             for verifier in verifiers:
                 assert verifier.signature_cache is not None
                 verifier.signature_cache.clear()
-                self._warm(verifier.signature_cache, parent.chain)
+                self._warm(verifier.signature_cache, parent)
 
         def run(verifier: ChainVerifier, items: list[Sealed]) -> None:
             for sealed in items:

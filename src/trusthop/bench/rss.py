@@ -43,7 +43,7 @@ async def _run(events: int, mode: str) -> dict[str, object]:
         if index == WARMUP:
             gc.collect()
             baseline = rss_bytes()
-        sealed = workload.extend(parent.chain, destination=destination, consumed=parent.wire.id)
+        sealed = workload.extend(parent.chain, destination=destination)
         if mode == "admission":
             await admission.admit(sealed.wire, destination, DeliveryInfo(id=f"d{index}"))
         else:

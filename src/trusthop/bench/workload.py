@@ -1,8 +1,8 @@
 """What the benchmark signs and verifies: realistic identities, events and chains.
 
 Every figure uses the same shapes a deployment has: SPIFFE IDs of real
-length, RFC 7638 thumbprints as key ids (43 characters), a two-entry scope, a
-derived hop naming the event it consumed, and 1 KiB of JSON data. Keys come
+length (``spiffe://prod.example.com/ns/shop/sa/service-03``), a UUID subject,
+a realm issuer, a two-entry scope, and 1 KiB of JSON data. Keys come
 from fixed seeds so two runs sign the same bytes (event ids and times differ).
 """
 
@@ -98,14 +98,14 @@ class Workload:
         self.bundle = TrustBundle.of([i.bundle_key for i in (self.edge, *self.services)])
         self.origin = self.mint()
 
-    def mint(self) -> OriginRing:
+    def mint(self, scope: tuple[str, ...] = SCOPE) -> OriginRing:
         """A fresh origin ring (new transaction id)."""
         return mint_origin(
             self.edge,
             subject=SUBJECT,
             issuer=ISSUER,
             credential=self.token,
-            scope=SCOPE,
+            scope=scope,
             now=self.now,
         )
 
@@ -124,6 +124,7 @@ class Workload:
         destination: str,
         event: CloudEvent | None = None,
         consumed: str | None = None,
+        scope: tuple[str, ...] | None = None,
     ) -> Sealed:
         """Append the next hop for ``event`` published to ``destination``."""
         hop = len(parent.hops) + 1
@@ -135,19 +136,39 @@ class Workload:
             destination=destination,
             now=self.now,
             consumed_event_id=consumed,
+            scope=scope,
         )
         wire.chain = chain.encode()
         return Sealed(wire, destination, chain)
 
-    def chain(self, hops: int, *, last_destination: str | None = None) -> Sealed:
+    def chain(
+        self,
+        hops: int,
+        *,
+        last_destination: str | None = None,
+        consumed: bool = False,
+        narrow: bool = False,
+    ) -> Sealed:
         """A chain of ``hops`` hop rings after the origin (``hops + 1`` signatures),
-        each hop publishing a new event derived from the one before."""
-        sealed = self.extend(Chain(self.origin), destination=kafka_destination("t01"))
+        each hop publishing a new event derived from the one before; with
+        ``consumed`` each hop also records the id of the event it consumed,
+        with ``narrow`` each hop after the first drops a scope entry of the
+        first hop's (which adds ``narrowing:<n>`` entries for them)."""
+        scope = (*SCOPE, *(f"narrowing:{i:02d}" for i in range(hops)))
+        sealed = self.extend(
+            Chain(self.origin if not narrow else self.mint(scope)),
+            destination=kafka_destination("t01"),
+        )
         for hop in range(2, hops + 1):
             destination = kafka_destination(f"t{hop:02d}")
             if hop == hops and last_destination is not None:
                 destination = last_destination
-            sealed = self.extend(sealed.chain, destination=destination, consumed=sealed.wire.id)
+            sealed = self.extend(
+                sealed.chain,
+                destination=destination,
+                consumed=sealed.wire.id if consumed else None,
+                scope=scope[: len(scope) - hop + 1] if narrow else None,
+            )
         return sealed
 
     def context(self, sealed: Sealed) -> VerifiedContext:
