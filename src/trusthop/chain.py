@@ -240,6 +240,17 @@ def _read_scope(m: dict[Any, Any], index: int) -> frozenset[str]:
     value = m[K_SCOPE]
     if type(value) is not list:
         raise _fail(f"ring {index}: scope must be a list", index)
+    if len(value) == 2:  # the common case, checked at once
+        a, b = value
+        if (
+            type(a) is str
+            and type(b) is str
+            and "" < a < b
+            and len(a) <= MAX_SCOPE_ENTRY
+            and len(b) <= MAX_SCOPE_ENTRY
+            and not _UNPRINTABLE.search(a + b)
+        ):
+            return frozenset(value)
     problem = scope_problem(value)
     if problem is not None:
         raise _fail(f"ring {index}: scope {problem}", index)
@@ -560,9 +571,37 @@ def decode_origin(data: bytes) -> OriginRing:
     actor = m[K_ACTOR]
     if not is_spiffe_id(actor, path=True):
         raise _fail(f"ring 0: actor is not a SPIFFE ID ({_spiffe_problem(actor)})", 0)
-    key_tag, x5c = _read_key(m, 0)
-    iat = _read_uint(m, K_IAT, 0, "iat")
-    ttl = _read_uint(m, K_TTL, 0, "ttl")
+    key_tag = m.get(K_KEY)
+    if type(key_tag) is int and 0 <= key_tag <= _MAX_KEY_TAG:
+        x5c = None
+    else:
+        key_tag, x5c = _read_key(m, 0)
+    iat, ttl = m[K_IAT], m[K_TTL]
+    if not (
+        type(iat) is int and type(ttl) is int and 0 <= iat < _MAX_TIME and 0 <= ttl < _MAX_TIME
+    ):
+        _read_uint(m, K_IAT, 0, "iat")
+        _read_uint(m, K_TTL, 0, "ttl")
+    subject, issuer = m[K_SUBJECT], m[K_ISSUER]
+    # The common case in one test; the field readers name what is wrong.
+    if not (
+        type(subject) is str
+        and type(issuer) is str
+        and 0 < len(subject) <= MAX_TEXT
+        and 0 < len(issuer) <= MAX_TEXT
+        and not _UNPRINTABLE.search(subject + issuer)
+    ):
+        _read_text(m, K_SUBJECT, 0, "subject")
+        _read_text(m, K_ISSUER, 0, "issuer")
+    credential_hash = m[K_CRED_HASH]
+    if type(credential_hash) is not bytes or len(credential_hash) != 32:
+        _read_hash(m, K_CRED_HASH, 0, "credential hash")
+    txn = m[K_TXN]
+    txn = (
+        _uuid_text(txn, 0, "transaction id")
+        if type(txn) is bytes
+        else _read_id(m, K_TXN, 0, "transaction id")
+    )
     acr = _read_text(m, K_ACR, 0, "acr") if K_ACR in m else None
     amr = None
     if K_AMR in m:
@@ -576,21 +615,22 @@ def decode_origin(data: bytes) -> OriginRing:
         ):
             raise _fail("ring 0: amr must be a short list of strings", 0)
         amr = tuple(raw)
-    return _origin_ring(
+    ring: OriginRing = _origin_ring(
         actor,
         key_tag,
         iat,
         iat + ttl,
         _read_scope(m, 0),
-        _read_text(m, K_SUBJECT, 0, "subject"),
-        _read_text(m, K_ISSUER, 0, "issuer"),
-        _read_hash(m, K_CRED_HASH, 0, "credential hash"),
-        _read_id(m, K_TXN, 0, "transaction id"),
+        subject,
+        issuer,
+        credential_hash,
+        txn,
         acr,
         amr,
         data[:SIGNATURE_BYTES],
         x5c,
     )
+    return ring
 
 
 def decode_hop(data: bytes, index: int, prev: Ring, trust_domain: str) -> tuple[HopRing, int]:
@@ -709,15 +749,7 @@ class Chain:
     ) -> Chain:
         """A chain whose ring bytes, link tags (and some leading hashes, and
         maybe its encoding) are known."""
-        chain = object.__new__(cls)
-        setter = object.__setattr__
-        setter(chain, "origin", origin)
-        setter(chain, "hops", hops)
-        setter(chain, "_raw", raw)
-        setter(chain, "_hashes", hashes)
-        setter(chain, "_tags", tags)
-        setter(chain, "_text", text)
-        return chain
+        return _chain(origin, hops, raw, hashes, tags, text)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Chain) and self._raw == other._raw
@@ -784,12 +816,12 @@ class Chain:
             body = hop_body(hop, self.newest, self.origin.trust_domain, hashes[-1])
         raw = hop.signature + body
         text = self._text
-        return Chain._of(
+        return _chain(
             self.origin,
-            (*self.hops, hop),
-            (*self._raw, raw),
+            self.hops + (hop,),
+            self._raw + (raw,),
             hashes[:],  # the new ring's hash is computed when asked for
-            (*self._tags, link_tag(hashes[-1])),
+            self._tags + (int.from_bytes(hashes[-1][:2], "big"),),  # its link tag
             None if text is None else f"{text}.{b64url_encode(raw)}",
         )
 
@@ -800,6 +832,9 @@ class Chain:
             text = CHAIN_PREFIX + ".".join(b64url_encode(r) for r in self._raw)
             object.__setattr__(self, "_text", text)
         return text
+
+
+_chain = positional_constructor(Chain)
 
 
 # --------------------------------------------------------------------------- #
@@ -880,30 +915,43 @@ def decode_rings(text: str, known: Chain | None = None) -> Chain:
     """
     if known is not None:
         prefix = known.encode()
-        if not (text.startswith(prefix) and text[len(prefix) : len(prefix) + 1] in ("", ".")):
+        if len(text) == len(prefix) and text == prefix:
+            return known
+        if not text.startswith(prefix) or text[len(prefix)] != ".":
             raise ValueError("known is not a prefix of this chain")
         start = len(known._raw)
-        segments = text[len(prefix) + 1 :].split(".") if len(text) > len(prefix) else []
+        segments = text[len(prefix) + 1 :].split(".")
         origin = known.origin
-        hops = list(known.hops)
-        raws = list(known._raw)
-        hashes = list(known._hashes)
-        tags = list(known._tags)
-    else:
-        segments = text[len(CHAIN_PREFIX) :].split(".")
-        start = 1
-        raws = [ring_bytes(segments[0], 0)]
-        origin = decode_origin(raws[0])
-        segments = segments[1:]
-        hops = []
-        hashes = []
-        tags = [None]
+        prev: Ring = known.newest
+        domain = origin.trust_domain
+        new_hops = []
+        new_raws = []
+        new_tags = []
+        for index, segment in enumerate(segments, start=start):
+            data = ring_bytes(segment, index)
+            prev, tag = decode_hop(data, index, prev, domain)
+            new_raws.append(data)
+            new_hops.append(prev)
+            new_tags.append(tag)
+        return Chain._of(
+            origin,
+            known.hops + tuple(new_hops),
+            known._raw + tuple(new_raws),
+            known._hashes[:],
+            known._tags + tuple(new_tags),
+            text,
+        )
+    segments = text[len(CHAIN_PREFIX) :].split(".")
+    raws = [ring_bytes(segments[0], 0)]
+    origin = decode_origin(raws[0])
     domain = origin.trust_domain
-    prev: Ring = hops[-1] if hops else origin
-    for index, segment in enumerate(segments, start=start):
+    hops: list[HopRing] = []
+    tags: list[int | None] = [None]
+    prev = origin
+    for index, segment in enumerate(segments[1:], start=1):
         data = ring_bytes(segment, index)
         prev, tag = decode_hop(data, index, prev, domain)
         raws.append(data)
         hops.append(prev)
         tags.append(tag)
-    return Chain._of(origin, tuple(hops), tuple(raws), hashes, tuple(tags), text)
+    return Chain._of(origin, tuple(hops), tuple(raws), [], tuple(tags), text)

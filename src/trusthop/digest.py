@@ -218,14 +218,22 @@ def signed_attributes(attributes: Mapping[str, Any]) -> dict[str, str]:
     """
     out: dict[str, str] = {}
     for name, value in attributes.items():
-        if not is_valid_attribute_name(name):
+        if name not in _COMMON_NAMES and not is_valid_attribute_name(name):
             raise TrustError(Reason.MALFORMED, f"invalid attribute name {name[:40]!r}")
         if value is None:
             continue
         if name in UNSIGNED_ATTRIBUTES:
             _check_unsigned(name, value)
             continue
-        out[name] = canonical_value(name, value)
+        if type(value) is str and name != "time":
+            out[name] = value
+        else:
+            out[name] = canonical_value(name, value)
+    # Strings from headers are the common case: one scan over all of them
+    # instead of one per attribute; the slow path names the offender.
+    if _CONTROL_OR_SURROGATE.search("".join(out.values())):
+        for name, value in out.items():
+            canonical_value(name, value)
     return out
 
 

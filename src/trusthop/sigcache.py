@@ -28,23 +28,28 @@ from trusthop.chain import CHAIN_PREFIX, Chain, decode_rings
 from trusthop.verify import Limits, VerifiedContext, VerifiedPrefix, verify_with_keys
 
 DEFAULT_CACHE_SIZE = 4096
-_MIN_KEY = len(CHAIN_PREFIX) + 1  # the shortest key: the version and one character
 
 
 class _Entry:
-    """The first ``length`` rings of ``chain`` verified under ``keys`` against
-    ``bundle``; the prefix chain and its :class:`VerifiedPrefix` are built
-    when first looked up."""
+    """The first ``length`` rings of ``chain`` (whose text is ``text``)
+    verified under ``keys`` against ``bundle``; the prefix chain and its
+    :class:`VerifiedPrefix` are built when first looked up."""
 
-    __slots__ = ("bundle", "chain", "keys", "length", "view")
+    __slots__ = ("bundle", "chain", "keys", "length", "text", "view")
 
     def __init__(
-        self, chain: Chain, keys: tuple[BundleKey, ...], bundle: TrustBundle, length: int
+        self,
+        chain: Chain,
+        keys: tuple[BundleKey, ...],
+        bundle: TrustBundle,
+        length: int,
+        text: str,
     ) -> None:
         self.chain = chain
         self.keys = keys
         self.bundle = bundle
         self.length = length
+        self.text = text
         self.view: tuple[Chain, VerifiedPrefix] | None = None
 
     def found(self) -> tuple[Chain, VerifiedPrefix]:
@@ -52,23 +57,20 @@ class _Entry:
         if view is None:
             chain, length = self.chain, self.length
             if length < len(chain.ring_bytes):
-                text = chain.encode()
-                for _ in range(len(chain.ring_bytes) - length):
-                    text = text[: text.rfind(".")]
                 chain = Chain._of(
                     chain.origin,
                     chain.hops[: length - 1],
                     chain.ring_bytes[:length],
                     chain.hashes()[:length],
                     chain.link_tags[:length],
-                    text,
+                    self.text,
                 )
             view = self.view = (chain, VerifiedPrefix(self.keys[:length], self.bundle))
         return view
 
 
 class SignatureCache:
-    """LRU map from the encoding of verified chain prefixes to what verified.
+    """LRU map from verified chain prefixes (by their text) to what verified.
 
     Args:
         max_entries: the bound; the least recently used entry is evicted
@@ -88,6 +90,7 @@ class SignatureCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self._last: tuple[Chain, tuple[Chain, VerifiedPrefix] | None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -97,35 +100,50 @@ class SignatureCache:
         whole chain included): its decoded chain and what verified, or
         ``None``. ``count=False`` leaves :attr:`hits` and :attr:`misses`
         alone (a second look at the same chain)."""
+        # Entries are keyed by the text of their newest ring (short to hash,
+        # and it carries a signature over every ring before it), then the
+        # whole prefix is compared: a copied ring after other rings is no hit.
         entries = self._entries
         end = len(text)
-        key = text
         while True:
+            start = text.rfind(".", 0, end) + 1
+            if start < len(CHAIN_PREFIX):  # only the version is left
+                self.misses += count
+                return None
+            key = text[start:end]
             entry = entries.get(key)
-            if entry is not None:
+            if entry is not None and len(entry.text) == end and text.startswith(entry.text):
                 entries.move_to_end(key)
                 self.hits += count
                 return entry.found()
-            end = text.rfind(".", 0, end)
-            if end < _MIN_KEY:  # only the version is left
-                self.misses += count
-                return None
-            key = text[:end]
+            end = start - 1
 
-    def remember(self, chain: Chain, keys: Sequence[BundleKey], bundle: TrustBundle) -> None:
+    def remember(
+        self,
+        chain: Chain,
+        keys: Sequence[BundleKey],
+        bundle: TrustBundle,
+        *,
+        parent_known: bool = False,
+    ) -> None:
         """Record that ``chain`` verified with ``keys`` (one per ring) against
         ``bundle``; so does the chain without its newest ring, which the next
-        event derived from the same parent shares."""
+        event derived from the same parent shares (``parent_known``: the
+        caller just found that one, verified against ``bundle``)."""
         entries = self._entries
         full = chain.encode()
         frozen = tuple(keys)
         length = len(frozen)
-        entries[full] = _Entry(chain, frozen, bundle, length)
-        entries.move_to_end(full)
-        parent = full[: full.rfind(".")]
-        known = entries.get(parent)
-        if known is None or known.bundle is not bundle:
-            entries[parent] = _Entry(chain, frozen, bundle, length - 1)
+        cut = full.rfind(".")
+        key = full[cut + 1 :]
+        entries[key] = _Entry(chain, frozen, bundle, length, full)
+        entries.move_to_end(key)
+        if not parent_known:
+            parent = full[:cut]
+            key = parent[parent.rfind(".") + 1 :]
+            known = entries.get(key)
+            if known is None or known.bundle is not bundle or known.text != parent:
+                entries[key] = _Entry(chain, frozen, bundle, length - 1, parent)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
 
@@ -138,7 +156,10 @@ class SignatureCache:
             TrustError(malformed): as :func:`~trusthop.chain.decode_rings`.
         """
         known = self.lookup(text, count=False)
-        return decode_rings(text, known[0] if known is not None else None)
+        chain = decode_rings(text, known[0] if known is not None else None)
+        # verify() usually follows for this very chain: it need not look again.
+        self._last = (chain, known)
+        return chain
 
     def verify(
         self,
@@ -159,7 +180,18 @@ class SignatureCache:
         Raises:
             TrustError: as :func:`~trusthop.verify.verify_decoded`.
         """
-        known = self.lookup(chain.encode())
+        last = self._last
+        if last is not None and last[0] is chain:
+            known = last[1]
+            self.hits += known is not None
+            self.misses += known is None
+        else:
+            known = self.lookup(chain.encode())
+        parent_known = (
+            known is not None
+            and len(known[1].keys) == len(chain.ring_bytes) - 1
+            and known[1].bundle is bundle
+        )
         context, keys = verify_with_keys(
             chain,
             bundle=bundle,
@@ -172,9 +204,10 @@ class SignatureCache:
             trust_domain=trust_domain,
             verified=known[1] if known is not None else None,
         )
-        self.remember(chain, keys, bundle)
+        self.remember(chain, keys, bundle, parent_known=parent_known)
         return context
 
     def clear(self) -> None:
         """Forget every entry (counters are kept)."""
         self._entries.clear()
+        self._last = None

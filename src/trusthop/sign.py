@@ -66,10 +66,16 @@ class Identity:
     certificates: tuple[bytes, ...] = ()
     _window: tuple[int, int] | None = field(default=None, init=False, repr=False, compare=False)
     _domain: str = field(default="", init=False, repr=False, compare=False)
+    _prefix: str = field(default="", init=False, repr=False, compare=False)
+    _key_tag: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         validate_spiffe_id(self.actor)
-        object.__setattr__(self, "_domain", trust_domain_of(self.actor))
+        domain = trust_domain_of(self.actor)
+        object.__setattr__(self, "_domain", domain)
+        object.__setattr__(self, "_prefix", f"spiffe://{domain}/")
+        key_tag = None if self.certificates else self.key.public_key.key_tag
+        object.__setattr__(self, "_key_tag", key_tag)
         if self.certificates:
             object.__setattr__(self, "_window", _check_svid_identity(self))
 
@@ -132,7 +138,7 @@ class Identity:
     def key_tag(self) -> int | None:
         """What rings signed by this identity name their key by (``None``
         with certificates: the key is the leaf's)."""
-        return None if self.certificates else self.key.public_key.key_tag
+        return self._key_tag
 
     def check_certificates(self, at: int) -> None:
         """Refuse to sign at ``at`` outside the validity of every certificate.
@@ -288,20 +294,27 @@ def append_hop(
             ``unauthorized_actor`` for an identity outside the chain's trust
             domain — what a consumer would answer.
     """
-    prev = chain.newest
-    domain = chain.origin.trust_domain
-    if identity.trust_domain != domain:
+    hops = chain.hops
+    prev = hops[-1] if hops else chain.origin
+    domain = identity._domain
+    if not chain.origin.actor.startswith(identity._prefix):
         raise TrustError(
             Reason.UNAUTHORIZED_ACTOR,
-            f"{identity.actor} is outside trust domain {domain}",
+            f"{identity.actor} is outside trust domain {chain.origin.trust_domain}",
         )
-    iat = max(int(now), prev.iat)
-    exp = min(iat + ttl, prev.exp)
+    iat = int(now)
+    if iat < prev.iat:
+        iat = prev.iat
+    exp = iat + ttl
+    if exp > prev.exp:
+        exp = prev.exp
     if exp < iat:
         raise TrustError(Reason.EXPIRED, f"the parent chain expired at {prev.exp}")
-    identity.check_certificates(iat)
-    index = len(chain.hops) + 1
-    _require_text("destination", destination, index)
+    if identity.certificates:
+        identity.check_certificates(iat)
+    index = len(hops) + 1
+    if text_problem(destination) is not None:
+        _require_text("destination", destination, index)
     if consumed_event_id is not None:
         _require_text("consumed event id", consumed_event_id, index)
     if peer is not None:
@@ -311,7 +324,7 @@ def append_hop(
     new_scope = prev.scope if scope is None else _scope(scope)
     check_scope(prev, new_scope, index)  # the window narrows by construction
     prev_hash = chain.hashes()[-1]
-    actor, key_tag, x5c = identity.actor, identity.key_tag, identity.x5c
+    actor, key_tag, x5c = identity.actor, identity._key_tag, identity.x5c
     body = hop_body_of(
         actor,
         key_tag,

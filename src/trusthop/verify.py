@@ -50,7 +50,15 @@ import math
 from dataclasses import dataclass
 
 from trusthop.bundle import BundleKey, TrustBundle
-from trusthop.chain import Chain, HopRing, OriginRing, Ring, decode_chain, link_tag
+from trusthop.chain import (
+    Chain,
+    HopRing,
+    OriginRing,
+    Ring,
+    decode_chain,
+    link_tag,
+    positional_constructor,
+)
 from trusthop.errors import Reason, TrustError
 from trusthop.x509svid import validate_svid
 
@@ -111,6 +119,9 @@ class VerifiedContext:
     def chain_digest(self) -> bytes:
         """Hash of the newest ring: identifies this exact chain."""
         return self.chain.hashes()[-1]
+
+
+_verified_context = positional_constructor(VerifiedContext)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,14 +281,18 @@ def check_keys(
     """Step 3 of the module contract: the keys of rings ``start`` onwards,
     oldest first (the origin requirements always)."""
     check_origin(chain.origin, origin_actors=origin_actors, trust_domain=trust_domain)
-    domain = chain.origin.trust_domain
-    rings = chain.rings
-    return [
-        check_bundle_key(rings[index], index, bundle)
-        if rings[index].x5c is None
-        else check_svid(rings[index], index, bundle, domain)
-        for index in range(start, len(rings))
-    ]
+    return _ring_keys(chain.rings, bundle, start)
+
+
+def _ring_keys(rings: tuple[Ring, ...], bundle: TrustBundle, start: int) -> list[BundleKey]:
+    out = []
+    for index in range(start, len(rings)):
+        ring = rings[index]
+        if ring.x5c is None:
+            out.append(check_bundle_key(ring, index, bundle))
+        else:
+            out.append(check_svid(ring, index, bundle, rings[0].actor[9:].partition("/")[0]))
+    return out
 
 
 def check_signature(chain: Chain, index: int, entry: BundleKey) -> None:
@@ -301,7 +316,10 @@ def check_signature(chain: Chain, index: int, entry: BundleKey) -> None:
 
 def check_links(chain: Chain, start: int = 1) -> None:
     """Step 5: every ring from ``start`` on names its predecessor and only narrows."""
-    rings = chain.rings
+    _check_links(chain, chain.rings, start)
+
+
+def _check_links(chain: Chain, rings: tuple[Ring, ...], start: int) -> None:
     tags = chain.link_tags
     hashes = chain.hashes()
     for index in range(max(start, 1), len(rings)):
@@ -374,38 +392,28 @@ def verify_with_keys(
     if not isinstance(newest, HopRing):
         # Structure (step 2) comes before any key lookup (step 3).
         raise TrustError(Reason.MALFORMED, "chain has an origin ring but no hop ring")
+    check_origin(rings[0], origin_actors=origin_actors, trust_domain=trust_domain)  # type: ignore[arg-type]
     known = 0
     if verified is not None and len(verified.keys) <= len(rings):
         known = len(verified.keys)
         if verified.bundle is bundle:
-            check_origin(chain.origin, origin_actors=origin_actors, trust_domain=trust_domain)
-            entries = [
-                *verified.keys,
-                *check_keys(
-                    chain,
-                    bundle,
-                    origin_actors=origin_actors,
-                    trust_domain=trust_domain,
-                    start=known,
-                ),
-            ]
+            entries = list(verified.keys)
+            entries += _ring_keys(rings, bundle, known)
         else:
-            entries = check_keys(
-                chain, bundle, origin_actors=origin_actors, trust_domain=trust_domain
-            )
+            entries = _ring_keys(rings, bundle, 0)
             # A ring verified under another key than the one now bundled is not known.
             for index in range(known):
                 if entries[index].key != verified.keys[index].key:
                     known = index
                     break
     else:
-        entries = check_keys(chain, bundle, origin_actors=origin_actors, trust_domain=trust_domain)
+        entries = _ring_keys(rings, bundle, 0)
     # Signatures before any rule about the rings' contents: a reason such as
     # scope_escalation then always names what a real key really signed.
     if check_signatures:
         for index in range(known, len(rings)):
             check_signature(chain, index, entries[index])
-    check_links(chain, start=known)
+    _check_links(chain, rings, known)
     if newest.event_digest != event_digest:
         raise TrustError(
             Reason.EVENT_MISMATCH,
@@ -420,7 +428,7 @@ def verify_with_keys(
         )
     check_window(newest, now, limits.leeway, limits.max_age)
     origin = chain.origin
-    context = VerifiedContext(
+    context: VerifiedContext = _verified_context(
         origin.subject,
         origin.issuer,
         origin.transaction_id,
