@@ -778,3 +778,137 @@ async def test_a_retry_copy_redelivered_after_a_crash_is_not_lost(rabbit: Rabbit
     (delivery,) = handled
     assert delivery.kind is DeliveryKind.REDELIVERY and delivery.attempt == 2
     assert delivery.redelivered and delivery.message.redelivered
+
+
+# --------------------------------------------------------------------------- #
+# (i) coalesced acks (trusthop.amqp.acks)
+# --------------------------------------------------------------------------- #
+
+
+async def test_handled_messages_are_acked_in_batches_and_nothing_is_left(rabbit: Rabbit) -> None:
+    admin = await rabbit.channel()
+    orders = await rabbit.exchange(admin, "orders")
+    queue = rabbit.queue("batched")
+    worker = rabbit.worker(await rabbit.channel(), prefetch_count=16)
+    handled: list[str] = []
+
+    @worker.handler(queue, bind=[(orders.name, KEY)])
+    async def on_order(delivery: Delivery) -> None:
+        handled.append(str(delivery.event.get_id()))
+
+    await worker.start()
+    total = 60
+    for n in range(total):
+        await publish(orders, KEY, seal(f"b-{n}", orders.name), case=f"b-{n}")
+    await eventually(lambda: len(handled) == total, "every message handled")
+    await worker.stop()
+    assert sorted(handled) == sorted(f"b-{n}" for n in range(total))
+    assert worker.stats.delivered == total and worker.stats.total_dead_lettered == 0
+    assert worker._acks.acked == total and worker._acks.frames <= total
+    assert await rabbit.counts(queue) == 0
+
+
+async def test_a_crash_with_coalesced_acks_outstanding_redelivers_and_loses_nothing(
+    rabbit: Rabbit,
+) -> None:
+    """The worker handled ten messages; their coalesced ack has not been sent
+    when its connection dies. RabbitMQ redelivers the ten, flagged: the next
+    worker sharing the store accepts each as a redelivery (the store still
+    counts them open), handles it again, and acks it. Then a copy flagged
+    redelivered is a replay."""
+    admin = await rabbit.channel()
+    orders = await rabbit.exchange(admin, "orders")
+    queue = rabbit.queue("pending-acks")
+    store = MemoryReplayStore()
+    doomed = await rabbit.connect()
+    first = rabbit.worker(
+        await rabbit.channel(doomed), replay_store=store, prefetch_count=64, ack_delay=60
+    )
+    seen: list[tuple[int, Delivery]] = []
+
+    def record(replica: int) -> Callable[[Delivery], Any]:
+        async def on_order(delivery: Delivery) -> None:
+            seen.append((replica, delivery))
+
+        return on_order
+
+    first.handler(queue, bind=[(orders.name, KEY)])(record(1))
+    second = rabbit.worker(await rabbit.channel(), replay_store=store)
+    second.handler(queue, bind=[(orders.name, KEY)])(record(2))
+    sent = [seal(f"p-{n}", orders.name) for n in range(10)]
+    await first.start()
+    for n, message in enumerate(sent):
+        await publish(orders, KEY, message, case=f"p-{n}")
+    await eventually(lambda: len(seen) == 10, "ten handled by the first worker")
+    assert first._acks.frames == 0 and first._acks.pending == 10
+    await doomed.close()  # dies with its acks outstanding
+    await stop(first)
+    assert first.stats.delivered == 0
+    async with second:
+        await eventually(lambda: len(seen) == 20, "the ten redelivered")
+        await rabbit.settled(queue)
+    # A copy of one of them, consumed and nacked by an attacker: a replay.
+    attacker = await rabbit.channel(await rabbit.connect())
+    await publish(orders, KEY, sent[3], case="nacked-copy")
+    taken = await (await attacker.get_queue(queue)).get(timeout=WAIT)
+    await taken.nack(requeue=True)
+    third = rabbit.worker(await rabbit.channel(), replay_store=store)
+    third.handler(queue, bind=[(orders.name, KEY)])(record(3))
+    async with third:
+        await eventually(lambda: third.stats.total_dead_lettered == 1, "the copy")
+    again = [d for replica, d in seen if replica == 2]
+    assert sorted(str(d.event.get_id()) for d in again) == sorted(f"p-{n}" for n in range(10))
+    assert all(d.kind is DeliveryKind.REDELIVERY and d.redelivered for d in again)
+    assert second.stats.delivered == 10 and second.counters["redelivered"] == 10
+    assert len(seen) == 20 and third.counters.rejected == {"replayed": 1}
+    assert set(await rabbit.letters(queue)) == {"nacked-copy"}
+    assert await rabbit.counts(queue) == 0
+
+
+async def test_another_consumer_on_the_workers_channel_keeps_its_unacked_message(
+    rabbit: Rabbit,
+) -> None:
+    """A user consumes another queue on the worker's channel and never acks:
+    the delivery tags of the channel are shared, so the worker must never send
+    a multiple ack over that message's tag."""
+    admin = await rabbit.channel()
+    orders = await rabbit.exchange(admin, "orders")
+    queue, other = rabbit.queue("shared-ch"), rabbit.queue("users-own")
+    shared = await rabbit.channel()
+    own = await shared.declare_queue(other, durable=True)
+    held: list[AbstractIncomingMessage] = []
+
+    async def keep(message: AbstractIncomingMessage) -> None:
+        held.append(message)  # never acked
+
+    worker = rabbit.worker(shared, prefetch_count=32)
+    handled: list[str] = []
+
+    @worker.handler(queue, bind=[(orders.name, KEY)])
+    async def on_order(delivery: Delivery) -> None:
+        handled.append(str(delivery.event.get_id()))
+
+    await worker.start()
+    await own.consume(keep)
+    for n in range(3):
+        await publish(orders, KEY, seal(f"s-{n}", orders.name), case=f"s-{n}")
+    await admin.default_exchange.publish(aio_pika.Message(b"mine"), routing_key=other)
+    for n in range(3, 6):
+        await publish(orders, KEY, seal(f"s-{n}", orders.name), case=f"s-{n}")
+    await eventually(lambda: len(handled) == 6 and len(held) == 1, "both consumers")
+    await worker.stop()
+    await rabbit.settled(queue)
+    assert await rabbit.counts(other) == 0  # still unacked, held by the user's consumer
+    await shared.close()
+    await eventually_async(lambda: rabbit.counts(other), 1, "the user's message requeued")
+    assert await rabbit.counts(queue) == 0
+
+
+async def eventually_async(
+    probe: Callable[[], Any], expected: Any, what: str, *, within: float = WAIT
+) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while await probe() != expected:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)

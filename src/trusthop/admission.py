@@ -51,6 +51,7 @@ from trusthop.replay import (
     with_retry,
 )
 from trusthop.stores.base import ReplayStore, StoreError, StoreFull
+from trusthop.stores.memory import never_waits
 
 T = TypeVar("T")
 
@@ -360,9 +361,16 @@ class Admission:
         error, a bug), or does not answer within ``store_timeout`` seconds,
         fails closed the same way (logged); a :class:`TrustError` raised by
         the ``change`` function (a corrupt entry) keeps its own message.
+
+        No timer is armed for a store that cannot wait
+        (:func:`~trusthop.stores.memory.never_waits`: the in-memory store's
+        own methods answer without awaiting anything); arming and cancelling
+        one costs more than such a call.
         """
-        scope = asyncio.timeout(self.store_timeout)
+        scope = None if never_waits(self.store) else asyncio.timeout(self.store_timeout)
         try:
+            if scope is None:
+                return await pending
             async with scope:
                 return await pending
         except TrustError:
@@ -372,7 +380,7 @@ class Admission:
         except StoreError as exc:
             raise TrustError(Reason.STORE_UNAVAILABLE, f"replay store failed: {exc}") from None
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and scope.expired():
+            if isinstance(exc, TimeoutError) and scope is not None and scope.expired():
                 log.warning("the replay store did not answer within %g s", self.store_timeout)
                 raise TrustError(
                     Reason.STORE_UNAVAILABLE,

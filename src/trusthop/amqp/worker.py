@@ -42,7 +42,16 @@ Delivery contract of :class:`TrustedWorker`, per message:
    says its :class:`~trusthop.replay.DeliveryKind`, whether the handler may
    have run for it before, and its attempt); it is acked after the handler
    returns, then recorded as settled in the replay store (a failure there is
-   logged: the delivery then stays open, see 1.);
+   logged: the delivery then stays open, see 1.). Acks of handled messages
+   are coalesced (:mod:`trusthop.amqp.acks`): one ``basic.ack`` with
+   ``multiple=True`` covers a run of handled messages when every lower
+   delivery tag of the channel is this worker's and settled, sent when half
+   the prefetch window waits, within ``ack_delay`` (5 ms), and at
+   :meth:`TrustedWorker.stop` (``ack_delay=0``: one ack per message).
+   A crash (or a lost channel) before that ack redelivers those messages
+   flagged ``redelivered``; their deliveries are still open, so each is
+   accepted as a redelivery. Dead letters, retries and skipped replays are
+   acked at once, one by one;
 
 4. a handler that raises on attempt ``n < max_attempts`` is retried
    (``retry_queue=True``, the default) through ``<queue>.retry``: the
@@ -129,6 +138,7 @@ import enum
 import hashlib
 import inspect
 import logging
+import math
 import struct
 import time
 from collections import Counter, OrderedDict
@@ -139,9 +149,11 @@ from typing import Any, Final
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aiormq.exceptions import ChannelInvalidStateError
 from pamqp.common import FieldTable
 
 from trusthop.admission import Admission, Admitted
+from trusthop.amqp.acks import DEFAULT_ACK_DELAY, AckBatcher, Slot
 from trusthop.amqp.frames import install_frame_guard
 from trusthop.amqp.messages import (
     DEFAULT_DEAD_LETTER_EXCHANGE,
@@ -184,7 +196,8 @@ class Delivery(DeliveryViews):
     Attributes:
         trusted: the core's :class:`~trusthop.pipeline.TrustedEvent`.
         message: the aio-pika message. The worker acks it after the handler
-            returns; a handler must not ack, nack or reject it itself.
+            returns (possibly with the next ones, in one ``multiple`` ack);
+            a handler must not ack, nack or reject it itself.
         queue: the queue it was consumed from.
         attempt: the handler attempt: 1 for a first delivery (and a
             redelivery of it), ``n`` for the ``n``-th call, whether it came
@@ -349,6 +362,11 @@ class TrustedWorker:
             judged as a first delivery).
         metrics: an extra sink for the counters (e.g.
             :class:`~trusthop.metrics.PrometheusMetrics`).
+        ack_delay: seconds the ack of a handled message may wait to be
+            coalesced with the next ones into one ``basic.ack`` with
+            ``multiple=True`` (:mod:`trusthop.amqp.acks`; sent earlier when
+            half of ``prefetch_count`` wait, and at :meth:`stop`). ``0``
+            acks every message on its own, at once.
 
     Attributes:
         stats: :class:`WorkerStats`.
@@ -365,7 +383,8 @@ class TrustedWorker:
     Raises:
         ValueError: the channel does not use publisher confirms;
             ``max_attempts``/``prefetch_count``/``max_uses`` below 1;
-            ``retry_delay`` not a positive number of seconds; an unknown
+            ``retry_delay`` not a positive number of seconds; a negative or
+            infinite ``ack_delay``; an unknown
             ``on_replay``; a negative ``remember``; ``retry_queue=True``
             without a replay store (a retry copy comes back through the
             default exchange and can only be verified against the
@@ -389,6 +408,7 @@ class TrustedWorker:
         on_replay: OnReplay | str = OnReplay.REJECT,
         remember: float = DEFAULT_REMEMBER,
         metrics: Metrics | None = None,
+        ack_delay: float = DEFAULT_ACK_DELAY,
     ) -> None:
         _require_confirms(channel, "TrustedWorker")
         # A message whose properties pamqp cannot decode would otherwise close
@@ -400,6 +420,8 @@ class TrustedWorker:
             raise ValueError("max_uses must be at least 1")
         if remember < 0:
             raise ValueError("remember must not be negative")
+        if not (isinstance(ack_delay, int | float) and 0 <= ack_delay < math.inf):
+            raise ValueError("ack_delay must be a finite number of seconds, 0 or more")
         retry_delay_ms(retry_delay)  # validates
         store = MemoryReplayStore() if replay_store is FRESH_STORE else replay_store
         assert not isinstance(store, _Default)
@@ -436,6 +458,15 @@ class TrustedWorker:
         self._letter_attempts: OrderedDict[str, int] = OrderedDict()
         # When each message's dead letter first failed (same keys, same bound).
         self._first_failure: dict[str, float] = {}
+        # Acks of handled messages, coalesced (trusthop.amqp.acks); each token
+        # is settled in the replay store once its ack was written.
+        self.ack_delay = ack_delay
+        self._acks: AckBatcher[tuple[str, Admitted]] = AckBatcher(
+            on_acked=self._acked,
+            on_lost=self._ack_lost,
+            limit=max(1, prefetch_count // 2),
+            delay=ack_delay,
+        )
 
     def handler(
         self,
@@ -597,6 +628,7 @@ class TrustedWorker:
         current = asyncio.current_task()
         while pending := [t for t in self._inflight if t is not current]:
             await asyncio.gather(*pending, return_exceptions=True)
+        await self._acks.close()  # the acks of handled messages, then their settling
 
     async def __aenter__(self) -> TrustedWorker:
         await self.start()
@@ -615,105 +647,127 @@ class TrustedWorker:
             task = asyncio.current_task()
             if task is not None:
                 self._inflight.add(task)
+            # First thing, in delivery order (see trusthop.amqp.acks).
+            slot = self._acks.track(message) if self.ack_delay > 0 else None
             try:
-                await self._process(route, message)
+                await self._settled_or_requeued(route, message, slot)
             except Exception:
                 self.stats.requeued += 1
                 log.exception("trusthop: message on %r requeued", route.queue)
             finally:
+                if slot is not None:
+                    self._acks.release(slot)
                 if task is not None:
                     self._inflight.discard(task)
 
         return on_message
 
-    async def _process(self, route: _Route, message: AbstractIncomingMessage) -> None:
-        # Everything below acks explicitly once the message is settled (handled,
-        # retried, skipped, or its dead letter confirmed). If anything escapes
-        # (dead letter not confirmed, channel lost) ``process()`` requeues it:
-        # never lost, never acked early.
-        async with message.process(requeue=True, ignore_processed=True):
-            if not self._running:
-                self.stats.requeued += 1
-                await message.nack(requeue=True)
-                return
-            admission = self.admissions[route.queue]
-            source, _ = _source(message.exchange, message.routing_key)
-            retry = retry_attempt(
-                message.headers,
+    async def _settled_or_requeued(
+        self, route: _Route, message: AbstractIncomingMessage, slot: Slot[Any] | None
+    ) -> None:
+        """:meth:`_process`, with ``message.process(requeue=True,
+        ignore_processed=True)``'s semantics: if anything escapes (dead letter
+        not confirmed, channel lost) before the message was settled, it is
+        requeued, never lost, never acked early. A message whose ack was
+        handed to the batcher counts as settled."""
+        try:
+            await self._process(route, message, slot)
+        except BaseException:
+            if not message.processed and not (slot is not None and slot.handed_over):
+                try:
+                    await message.reject(requeue=True)
+                except ChannelInvalidStateError:
+                    log.warning("trusthop: reject not sent, the channel is closed")
+            raise
+
+    async def _process(
+        self, route: _Route, message: AbstractIncomingMessage, slot: Slot[Any] | None
+    ) -> None:
+        # Everything below settles the message explicitly (handled: acked
+        # through the batcher; retried, skipped, or its dead letter confirmed:
+        # acked at once). If anything escapes, the caller requeues it.
+        if not self._running:
+            self.stats.requeued += 1
+            await message.nack(requeue=True)
+            return
+        admission = self.admissions[route.queue]
+        source, _ = _source(message.exchange, message.routing_key)
+        retry = retry_attempt(
+            message.headers,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            queue=route.queue,
+        )
+        attempt = retry or 1
+        admitting = False
+        try:
+            wire, destination = check_delivery(
+                headers=message.headers,
+                body=message.body,
+                content_type=message.content_type,
                 exchange=message.exchange,
                 routing_key=message.routing_key,
                 queue=route.queue,
+                bindings=route.bindings,
             )
-            attempt = retry or 1
-            admitting = False
-            try:
-                wire, destination = check_delivery(
-                    headers=message.headers,
-                    body=message.body,
-                    content_type=message.content_type,
-                    exchange=message.exchange,
-                    routing_key=message.routing_key,
-                    queue=route.queue,
-                    bindings=route.bindings,
-                )
-                admitting = True  # admit() counts its own rejections
-                admitted = await admission.admit(
-                    wire,
-                    destination,
-                    DeliveryInfo(redelivered=bool(message.redelivered), retry=retry),
-                )
-            except TrustError as error:
-                if not admitting:
-                    admission.count("rejected", reason=error.reason.value)
-                await self._dead_letter(
-                    message,
-                    Rejection.of(
-                        error,
-                        source=source,
-                        consumer=route.queue,
-                        attempts=attempt,
-                        destination=self._signed_destination(message),
-                    ),
-                )
-                return
-            except Exception as exc:  # a decoder or store bug must not kill the consumer
-                # Fail closed, at once: before admission a decoder bug
-                # (``malformed``); during it most likely a replay store that
-                # raised something else than StoreError (``store_unavailable``).
-                stage = "admitting" if admitting else "decoding"
-                log.exception("trusthop: unexpected error %s a message on %r", stage, route.queue)
-                reason = Reason.STORE_UNAVAILABLE if admitting else Reason.MALFORMED
-                admission.count("rejected", reason=reason.value)
-                detail = (
-                    f"admission failed unexpectedly ({type(exc).__name__})"
-                    if admitting
-                    else f"undecodable message ({type(exc).__name__})"
-                )
-                await self._dead_letter(
-                    message, Rejection(reason, detail, source, route.queue, attempts=attempt)
-                )
-                return
-            if admitted is None:  # a replay, skipped (on_replay="skip")
-                log.info(
-                    "trusthop: duplicate of an accepted message on %r from %s acked unhandled",
-                    route.queue,
-                    printable(source),  # the routing key is the publisher's choice
-                )
-                await message.ack()
-                self.stats.skipped += 1
-                return
-            delivery = Delivery(
-                admitted.trusted,
+            admitting = True  # admit() counts its own rejections
+            admitted = await admission.admit(
+                wire,
+                destination,
+                DeliveryInfo(redelivered=bool(message.redelivered), retry=retry),
+            )
+        except TrustError as error:
+            if not admitting:
+                admission.count("rejected", reason=error.reason.value)
+            await self._dead_letter(
                 message,
-                route.queue,
-                attempt,
-                admitted.kind,
-                admitted.redelivered or bool(message.redelivered),
+                Rejection.of(
+                    error,
+                    source=source,
+                    consumer=route.queue,
+                    attempts=attempt,
+                    destination=self._signed_destination(message),
+                ),
             )
-            if self.retry_queue:
-                await self._handle_once(route, delivery, admitted, source)
-            else:
-                await self._handle_in_process(route, delivery, admitted, source)
+            return
+        except Exception as exc:  # a decoder or store bug must not kill the consumer
+            # Fail closed, at once: before admission a decoder bug
+            # (``malformed``); during it most likely a replay store that
+            # raised something else than StoreError (``store_unavailable``).
+            stage = "admitting" if admitting else "decoding"
+            log.exception("trusthop: unexpected error %s a message on %r", stage, route.queue)
+            reason = Reason.STORE_UNAVAILABLE if admitting else Reason.MALFORMED
+            admission.count("rejected", reason=reason.value)
+            detail = (
+                f"admission failed unexpectedly ({type(exc).__name__})"
+                if admitting
+                else f"undecodable message ({type(exc).__name__})"
+            )
+            await self._dead_letter(
+                message, Rejection(reason, detail, source, route.queue, attempts=attempt)
+            )
+            return
+        if admitted is None:  # a replay, skipped (on_replay="skip")
+            log.info(
+                "trusthop: duplicate of an accepted message on %r from %s acked unhandled",
+                route.queue,
+                printable(source),  # the routing key is the publisher's choice
+            )
+            await message.ack()
+            self.stats.skipped += 1
+            return
+        delivery = Delivery(
+            admitted.trusted,
+            message,
+            route.queue,
+            attempt,
+            admitted.kind,
+            admitted.redelivered or bool(message.redelivered),
+        )
+        if self.retry_queue:
+            await self._handle_once(route, delivery, admitted, source, slot)
+        else:
+            await self._handle_in_process(route, delivery, admitted, source, slot)
 
     def _signed_destination(self, message: AbstractIncomingMessage) -> str | None:
         return signed_destination(
@@ -721,7 +775,12 @@ class TrustedWorker:
         )
 
     async def _handle_once(
-        self, route: _Route, delivery: Delivery, admitted: Admitted, source: str
+        self,
+        route: _Route,
+        delivery: Delivery,
+        admitted: Admitted,
+        source: str,
+        slot: Slot[Any] | None,
     ) -> None:
         """One handler call; on failure a retry copy or ``handler_failed``."""
         message = delivery.message
@@ -746,10 +805,43 @@ class TrustedWorker:
             await self._give_up(route.queue, delivery, source, detail)
             await self._settle(route.queue, admitted)
             return
+        await self._handled(route.queue, message, admitted, slot)
+
+    async def _handled(
+        self,
+        queue: str,
+        message: AbstractIncomingMessage,
+        admitted: Admitted,
+        slot: Slot[Any] | None,
+    ) -> None:
+        """The handler returned: ack (coalesced through the batcher when the
+        message is tracked), count it delivered and settle it in the replay
+        store once the ack was written (:meth:`_acked`)."""
+        if slot is not None and not message.processed:
+            self._acks.ack(slot, (queue, admitted))
+            return
         if not message.processed:
             await message.ack()
         self.stats.delivered += 1
-        await self._settle(route.queue, admitted)
+        await self._settle(queue, admitted)
+
+    async def _acked(self, tokens: list[tuple[str, Admitted]]) -> None:
+        """The batcher wrote the ack of these handled messages: count them and
+        settle them in the replay store (see :meth:`_settle`)."""
+        self.stats.delivered += len(tokens)
+        for queue, admitted in tokens:
+            await self._settle(queue, admitted)
+
+    def _ack_lost(self, tokens: list[tuple[str, Admitted]], error: BaseException) -> None:
+        """The ack of these handled messages could not be sent (channel lost):
+        RabbitMQ redelivers them, flagged ``redelivered``, and their replay
+        store entries stay open, so the redelivery is accepted."""
+        self.stats.requeued += len(tokens)
+        log.warning(
+            "trusthop: ack of %d handled message(s) not sent (%r); RabbitMQ redelivers them",
+            len(tokens),
+            error,
+        )
 
     async def _settle(self, queue: str, admitted: Admitted) -> None:
         """Tell the queue's replay store that ``admitted`` is settled (acked,
@@ -821,7 +913,12 @@ class TrustedWorker:
         return None
 
     async def _handle_in_process(
-        self, route: _Route, first: Delivery, admitted: Admitted, source: str
+        self,
+        route: _Route,
+        first: Delivery,
+        admitted: Admitted,
+        source: str,
+        slot: Slot[Any] | None,
     ) -> None:
         """``retry_queue=False``: up to ``max_attempts`` calls, backing off."""
         message = first.message
@@ -846,10 +943,7 @@ class TrustedWorker:
                     await self._settle(route.queue, admitted)
                     return
                 continue
-            if not message.processed:
-                await message.ack()
-            self.stats.delivered += 1
-            await self._settle(route.queue, admitted)
+            await self._handled(route.queue, message, admitted, slot)
             return
         last_delivery = Delivery(first.trusted, message, route.queue, self.max_attempts)
         await self._give_up(
