@@ -108,6 +108,7 @@ class TrustBundle:
         )
 
     def __post_init__(self) -> None:
+        _one_actor_per_key(self.keys.values())  # however the bundle was built
         # Rings name their key by (actor, key tag); both lookups are indexed
         # once per bundle, and so is each keyed actor's revocation.
         index: dict[tuple[str, int], BundleKey] = {}

@@ -69,8 +69,10 @@ MAX_TEXT = 1024
 MAX_X5C_CERTS = 4
 MAX_X5C_CERT_BYTES = 4096
 MAX_RING_BYTES = 20_000  # four maximal certificates and every text field at its limit
-_MAX_TIME = 2**40  # seconds since the epoch (or a duration); far beyond any real window
+MAX_TIME = 2**40  # seconds since the epoch (or a duration); far beyond any real window
+_MAX_TIME = MAX_TIME
 _MAX_KEY_TAG = 0xFFFF
+_MAX_ID = 2048  # bytes of a whole SPIFFE ID (ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -644,8 +646,12 @@ def decode_hop(data: bytes, index: int, prev: Ring, trust_domain: str) -> tuple[
         raise _fail(f"ring {index}: too short", index)
     m = _unpack_body(data[SIGNATURE_BYTES:], index, _HOP_SHAPES, _HOP_REQUIRED, _HOP_ALLOWED)
     path = m[K_ACTOR]
-    if not is_spiffe_path(path):
-        raise _fail(f"ring {index}: actor must be a SPIFFE ID path such as /ns/x/sa/y", index)
+    if not is_spiffe_path(path) or len(path) + len(trust_domain) > _MAX_ID - len(SCHEME):
+        raise _fail(
+            f"ring {index}: actor must be a SPIFFE ID path such as /ns/x/sa/y "
+            "(the whole ID at most 2048 bytes)",
+            index,
+        )
     if K_KEY in m:
         key_tag = m[K_KEY]
         if type(key_tag) is not int or not 0 <= key_tag <= _MAX_KEY_TAG:
@@ -667,9 +673,7 @@ def decode_hop(data: bytes, index: int, prev: Ring, trust_domain: str) -> tuple[
     destination = m[K_DEST]
     if text_problem(destination) is not None:
         _read_text(m, K_DEST, index, "destination")
-    consumed = m.get(K_CONSUMED)
-    if consumed is not None:
-        consumed = _read_id(m, K_CONSUMED, index, "consumed event id")
+    consumed = _read_id(m, K_CONSUMED, index, "consumed event id") if K_CONSUMED in m else None
     ring: HopRing = _hop_ring(
         f"{SCHEME}{trust_domain}{path}",
         key_tag,
@@ -818,10 +822,10 @@ class Chain:
         text = self._text
         return _chain(
             self.origin,
-            self.hops + (hop,),
-            self._raw + (raw,),
+            (*self.hops, hop),
+            (*self._raw, raw),
             hashes[:],  # the new ring's hash is computed when asked for
-            self._tags + (int.from_bytes(hashes[-1][:2], "big"),),  # its link tag
+            (*self._tags, int.from_bytes(hashes[-1][:2], "big")),  # its link tag
             None if text is None else f"{text}.{b64url_encode(raw)}",
         )
 

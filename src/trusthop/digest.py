@@ -110,8 +110,13 @@ def data_bytes(data: Any, content_type: str | None, *, json_default: bool = Fals
 
 
 # Already in canonical form: UTC, "Z", no trailing zero in a fraction.
+# Already canonical and plainly valid: UTC, "Z", no trailing zero in a
+# fraction, a year from 0001, month 01-12, day 01-28 (any later day is
+# checked against its month), hour 00-23, minute and second 00-59.
 _CANONICAL_TIME = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.\d{0,8}[1-9])?Z\Z", re.ASCII
+    r"(?!0000)\d{4}-(?:0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d"
+    r"(?:\.\d{0,8}[1-9])?Z\Z",
+    re.ASCII,
 )
 
 
@@ -126,9 +131,10 @@ def canonical_time(value: str | datetime) -> str:
     if type(value) is str:
         match = _CANONICAL_TIME.match(value)
         if match is not None:
-            y, mo, d, h, mi, sec = (int(part) for part in match.groups())
+            if match.group(1) <= "28":
+                return value
             try:
-                datetime(y, mo, d, h, mi, sec)  # a real date and time
+                datetime(int(value[:4]), int(value[5:7]), int(value[8:10]))
             except ValueError as exc:
                 raise TrustError(Reason.MALFORMED, f"'time' is not a valid date: {exc}") from exc
             return value

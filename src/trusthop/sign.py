@@ -24,6 +24,7 @@ from trusthop.bundle import BundleKey
 from trusthop.chain import (
     HOP_DOMAIN,
     MAX_SCOPE_ENTRIES,
+    MAX_TIME,
     ORIGIN_DOMAIN,
     Chain,
     OriginRing,
@@ -229,9 +230,9 @@ def mint_origin(
     """
     if not subject or not issuer:
         raise ValueError("subject and issuer must be non-empty")
-    if ttl < 0:
-        raise ValueError("ttl must not be negative")
     iat = int(now)
+    if not 0 <= iat < MAX_TIME or not 0 <= ttl < MAX_TIME:
+        raise ValueError(f"now and ttl must be seconds in [0, 2**40), not {now!r} and {ttl!r}")
     identity.check_certificates(iat)
     ring = OriginRing(
         actor=identity.actor,
