@@ -5,8 +5,13 @@ Every input ends in a verdict: a verified event or a
 (atheris stops and writes the input as ``crash-<sha1>``). The first byte of
 an input picks what the rest of it is:
 
-* ``chain-bytes``: chain bytes (msgpack), encoded as base64url, then verified;
+* ``rings``: ring byte strings (see :func:`rings_of`), each encoded as
+  base64url and joined into a version-2 ``trustchain`` (``2.<ring>.<ring>``),
+  then verified;
 * ``chain-text``: the ``trustchain`` attribute text itself (Latin-1), verified;
+* ``hop-body``: the body of a hop ring, signed by a bundled key after a valid
+  origin (so the signature holds whatever the bytes are) and verified: the
+  rules after the signatures (links, narrowing, delivery, time) see it all;
 * ``kafka``: Kafka headers and value (see :func:`kafka_record`), decoded by
   the Kafka binding and verified as consumed from ``kafka:payments``;
 * ``amqp-frame``: the properties of an AMQP content header frame, decoded by
@@ -40,14 +45,14 @@ from trusthop.bindings import decode_kafka, decode_structured, encode_amqp, enco
 from trusthop.bindings.structured import encode_structured
 from trusthop.bundle import TrustBundle
 from trusthop.canonical import b64url_decode, b64url_encode
-from trusthop.chain import Chain
+from trusthop.chain import HOP_DOMAIN, SIGNATURE_BYTES, Chain
 from trusthop.errors import TrustError
 from trusthop.event import WireEvent
 from trusthop.keys import SigningKey
 from trusthop.pipeline import ChainVerifier
 from trusthop.sign import Identity, append_hop, mint_origin
 
-MODES = ("chain-bytes", "chain-text", "kafka", "amqp-frame", "structured")
+MODES = ("rings", "chain-text", "kafka", "amqp-frame", "structured", "hop-body")
 
 # A deterministic world: two workloads, one bundle, one valid event per destination.
 T0 = 1_767_225_600
@@ -65,8 +70,8 @@ AMQP_EXCHANGE, AMQP_KEY = "shipping", "order.reserved"
 AMQP_DEST = f"amqp:{AMQP_EXCHANGE}/{AMQP_KEY}"
 
 
-def _sealed(destination: str) -> WireEvent:
-    origin = mint_origin(
+def _origin() -> Chain:
+    return Chain(mint_origin(
         EDGE,
         subject="user:alice",
         issuer="https://idp.example.com",
@@ -75,7 +80,13 @@ def _sealed(destination: str) -> WireEvent:
         now=T0,
         ttl=3600,
         transaction_id="txn-1",
-    )
+    ))
+
+
+ORIGIN = _origin()
+
+
+def _sealed(destination: str) -> WireEvent:
     wire = WireEvent(
         {
             "specversion": "1.0",
@@ -89,7 +100,7 @@ def _sealed(destination: str) -> WireEvent:
         b'{"amount":999,"order":42}',
     )
     chain = append_hop(
-        ORDERS, Chain(origin), event_digest=wire.digest(), destination=destination, now=T0 + 20
+        ORDERS, ORIGIN, event_digest=wire.digest(), destination=destination, now=T0 + 20
     )
     return replace(wire, chain=chain.encode())
 
@@ -107,6 +118,34 @@ def _verify_text(text: str) -> bool:
     wire = replace(KAFKA_EVENT, chain=text)
     _verifier().verify(wire, KAFKA_DEST)
     return True
+
+
+def rings_of(payload: bytes) -> list[bytes]:
+    """Ring byte strings from bytes: each a length (2 bytes, big endian)
+    then that many bytes (fewer at the end of the input). Never raises."""
+    rings: list[bytes] = []
+    at = 0
+    while at < len(payload):
+        size = int.from_bytes(payload[at : at + 2], "big")
+        rings.append(payload[at + 2 : at + 2 + size])
+        at += 2 + size
+    return rings
+
+
+def rings_payload(rings: list[bytes]) -> bytes:
+    """The inverse of :func:`rings_of` (for seeds)."""
+    return b"".join(len(r).to_bytes(2, "big") + r for r in rings)
+
+
+def _rings(payload: bytes) -> bool:
+    return _verify_text(".".join(["2", *(b64url_encode(r) for r in rings_of(payload))]))
+
+
+def _hop_body(body: bytes) -> bool:
+    """``body`` signed by the orders key as the ring after the origin."""
+    prev_hash = ORIGIN.hashes()[-1]
+    ring = ORDERS.key.sign(HOP_DOMAIN + prev_hash + body) + body
+    return _verify_text(f"{ORIGIN.encode()}.{b64url_encode(ring)}")
 
 
 def kafka_record(payload: bytes) -> tuple[list[tuple[str, bytes | None]], bytes | None]:
@@ -184,11 +223,12 @@ def _structured(payload: bytes) -> bool:
 
 
 _RUNNERS: dict[str, Callable[[bytes], bool]] = {
-    "chain-bytes": lambda payload: _verify_text(b64url_encode(payload)),
+    "rings": _rings,
     "chain-text": lambda payload: _verify_text(payload.decode("latin-1")),
     "kafka": _kafka,
     "amqp-frame": _amqp_frame,
     "structured": _structured,
+    "hop-body": _hop_body,
 }
 
 
@@ -221,11 +261,13 @@ def seed_corpus() -> Iterator[bytes]:
     """Valid inputs of every mode, and a few near misses."""
     pick = {mode: bytes([index]) for index, mode in enumerate(MODES)}
     assert KAFKA_EVENT.chain is not None
-    chain_bytes = b64url_decode(KAFKA_EVENT.chain)
-    yield pick["chain-bytes"] + chain_bytes
-    yield pick["chain-bytes"] + chain_bytes[:-1]
+    rings = [b64url_decode(segment) for segment in KAFKA_EVENT.chain.split(".")[1:]]
+    yield pick["rings"] + rings_payload(rings)
+    yield pick["rings"] + rings_payload([rings[0], rings[1][:-1]])
+    yield pick["rings"] + rings_payload([rings[0], rings[0], rings[1]])
     yield pick["chain-text"] + KAFKA_EVENT.chain.encode()
     yield pick["chain-text"] + KAFKA_EVENT.chain.encode() + b"="
+    yield pick["chain-text"] + b"1" + KAFKA_EVENT.chain.encode()[1:]
     headers, value = encode_kafka(KAFKA_EVENT)
     yield pick["kafka"] + kafka_payload(list(headers), value)
     yield pick["kafka"] + kafka_payload([*headers, ("ce_id", None)], value)
@@ -236,6 +278,9 @@ def seed_corpus() -> Iterator[bytes]:
     yield pick["amqp-frame"] + properties[:-3]
     yield pick["structured"] + encode_structured(KAFKA_EVENT)
     yield pick["structured"] + encode_structured(AMQP_EVENT)
+    body = rings[1][SIGNATURE_BYTES:]
+    yield pick["hop-body"] + body  # verifies: the orders ring of KAFKA_EVENT
+    yield pick["hop-body"] + body[:-1]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import aio_pika
 from certkit import key_pem, make_ca, make_svid, pem
 from cloudevents.core.v1.event import CloudEvent
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from trusthop.amqp import Delivery, TrustedPublisher, TrustedWorker
 from trusthop.amqp.messages import dead_letter_queue_name, retry_queue_name
@@ -35,15 +36,21 @@ TIMEOUT = 60.0
 QUEUED = 3
 TD = "prod.example.com"
 GATEWAY = f"spiffe://{TD}/ns/edge/sa/gateway"
-SHOP = Identity.create(f"spiffe://{TD}/ns/shop/sa/orders", SigningKey.generate(ES256))
+SHOP = Identity.create(
+    f"spiffe://{TD}/ns/shop/sa/orders",
+    SigningKey(ec.derive_private_key(0x5409, ec.SECP256R1())),  # ES256, deterministic
+)
+assert SHOP.key.alg == ES256
 
 
 class Trust:
     """The CA, the edge's SVID identity and a bundle map file."""
 
     def __init__(self, directory: Path) -> None:
-        self.root = make_ca(TD)
-        leaf, leaf_key = make_svid([GATEWAY], self.root, days=3650)
+        self.root = make_ca(TD, key=ec.derive_private_key(0xCA, ec.SECP256R1()), days=3650)
+        leaf, leaf_key = make_svid(
+            [GATEWAY], self.root, key=ec.derive_private_key(0x6A7E, ec.SECP256R1()), days=3650
+        )
         (directory / "svid.pem").write_bytes(pem(leaf))
         (directory / "svid_key.pem").write_bytes(key_pem(leaf_key))
         self.edge = Identity.from_svid_files(directory / "svid.pem", directory / "svid_key.pem")
@@ -51,19 +58,21 @@ class Trust:
         self.write(revoked=False)
         self.source = BundleSource(self.path)
 
-    def bundle(self, *, revoked: bool) -> TrustBundle:
-        segments = [f"spiffe://{TD}/ns/shop"] if revoked else []
+    def bundle(self, *, revoked: bool, segment: str = "shop") -> TrustBundle:
+        segments = [f"spiffe://{TD}/ns/{segment}"] if revoked else []
         return TrustBundle.of(
             [BundleKey(SHOP.kid, SHOP.actor, SHOP.key.public_key)],
             revoked_segments=segments,
             authorities={TD: [self.root[0]]},
         )
 
-    def write(self, *, revoked: bool) -> None:
-        self.path.write_text(json.dumps(self.bundle(revoked=revoked).to_map()))
+    def write(self, *, revoked: bool, segment: str = "shop") -> None:
+        self.path.write_text(json.dumps(self.bundle(revoked=revoked, segment=segment).to_map()))
 
-    def revoke(self, revoked: bool) -> None:
-        self.write(revoked=revoked)
+    def revoke(self, revoked: bool, segment: str = "shop") -> None:
+        """Revoke (or restore) a namespace; ``edge`` revokes the rings every
+        event shares, which the consumer's verified-prefix cache holds."""
+        self.write(revoked=revoked, segment=segment)
         assert self.source.reload() is True
 
     def parent(self) -> VerifiedContext:
@@ -113,6 +122,14 @@ async def test_kafka_revocation_by_bundle_reload_reaches_waiting_records(
             trust.revoke(False)
             await producer.send_and_wait(unique_name, event("after"), parent=parent)
             assert await asyncio.wait_for(consumer.run(handle, limit=1), TIMEOUT) == 1
+            # The edge's rings are now a verified prefix in the consumer's
+            # cache; revoking the edge reaches a new event on that prefix.
+            cache = verifier.signature_cache
+            assert cache is not None and len(cache) > 0
+            trust.revoke(True, "edge")
+            await producer.send_and_wait(unique_name, event("again"), parent=parent)
+            assert await asyncio.wait_for(consumer.run(handle, limit=1), TIMEOUT) == 1
+            assert consumer.stats.dead_lettered == {"revoked": QUEUED + 1}
     finally:
         await producer.stop()
     (delivery,) = handled
@@ -159,12 +176,20 @@ async def test_amqp_revocation_by_bundle_reload_reaches_waiting_messages(
             async with asyncio.timeout(TIMEOUT):
                 while not handled:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
+            # The edge's rings are cached as a verified prefix now: revoking
+            # the edge reaches the next event on that prefix.
+            trust.revoke(True, "edge")
+            await publisher.publish(event("again"), exchange=exchange, routing_key=routing_key,
+                                    parent=parent)
+            async with asyncio.timeout(TIMEOUT):
+                while worker.stats.total_dead_lettered < QUEUED + 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
         assert handled == ["after"]
         dlq = await channel.declare_queue(dead_letter_queue_name(queue_name), durable=True)
         reasons = []
         while (message := await dlq.get(no_ack=True, fail=False, timeout=5)) is not None:
             reasons.append(str((message.headers or {}).get(H_REASON)))
-        assert reasons == ["revoked"] * QUEUED
+        assert reasons == ["revoked"] * (QUEUED + 1)
     finally:
         with contextlib.suppress(Exception):
             cleanup = await connection.channel()

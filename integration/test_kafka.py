@@ -27,7 +27,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from cloudevents.core.v1.event import CloudEvent
 
 from trusthop.bundle import TrustBundle
-from trusthop.chain import Chain, HopRing, OriginRing, decode_chain
+from trusthop.canonical import b64url_encode
+from trusthop.chain import HopRing, OriginRing, decode_chain
 from trusthop.destination import kafka_destination
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
@@ -297,7 +298,11 @@ async def test_origin_then_derived_event_verifies_the_full_chain(
     assert context.scope == {"payments:charge"}
     assert context.destination == kafka_destination(payments_topic)
     newest = context.chain.hops[-1]
-    assert newest.consumed_event_id == placed.get_id()
+    # v2: the orders hop names the event it consumed through the edge hop's
+    # event digest (and the hash its signature covers); the id is opt-in.
+    assert newest.consumed_event_id is None
+    assert context.chain.hops[0].event_digest == first.wire.digest()
+    assert context.chain.hashes()[:2] == first.context.chain.hashes()
     assert newest.destination == kafka_destination(payments_topic)
     assert context.chain.hops[0].destination == kafka_destination(orders_topic)
     # The exact bytes on the broker verify for the payments topic and no other.
@@ -352,7 +357,9 @@ async def test_attacks_are_dead_lettered_with_reason_and_original_bytes(
     assert raw_chain is not None
     chain = decode_chain(raw_chain.decode(), max_bytes=1 << 20, max_rings=32)
     assert len(chain.hops) == 2
-    spliced = Chain(chain.origin, chain.hops[1:]).encode().encode()
+    # Removed on the wire (Chain(...) would re-encode the kept ring after the origin).
+    kept = (chain.ring_bytes[0], chain.ring_bytes[2])
+    spliced = ("2." + ".".join(b64url_encode(r) for r in kept)).encode()
 
     # scope widened by a legitimate key: built by hand (append_hop refuses it)
     narrow = TrustedKafkaProducer(signer=ChainSigner(EDGE), producer=object())
@@ -366,15 +373,14 @@ async def test_attacks_are_dead_lettered_with_reason_and_original_bytes(
     base = narrow_parent.chain
     hop = HopRing(
         actor=ORDERS.actor,
-        kid=ORDERS.kid,
+        key_tag=ORDERS.key_tag,
         iat=base.newest.iat,
         exp=base.newest.exp,
         scope=frozenset({"orders:read", "orders:write"}),
-        prev_hash=base.hashes()[-1],
         event_digest=WireEvent.from_cloudevent(widened_event).digest(),
         destination=kafka_destination(topic),
     )
-    hop = dataclasses.replace(hop, signature=ORDERS.key.sign(hop.signing_input()))
+    hop = dataclasses.replace(hop, signature=ORDERS.key.sign(base.next_signing_input(hop)))
     widened = orders.seal(topic, widened_event, parent=narrow_parent, key="widened")
     widened_chain = base.appended(hop).encode().encode()
 

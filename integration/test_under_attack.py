@@ -45,7 +45,7 @@ from trusthop.amqp import Delivery, TrustedWorker, dead_letter_queue_name, retry
 from trusthop.bindings import encode_amqp, encode_kafka
 from trusthop.bundle import BundleKey, TrustBundle
 from trusthop.canonical import b64url_encode
-from trusthop.chain import Chain, HopRing, OriginRing, decode_chain
+from trusthop.chain import HopRing, OriginRing, decode_chain
 from trusthop.errors import Reason
 from trusthop.event import WireEvent
 from trusthop.kafka import UNDECODABLE_DETAIL, KafkaDelivery, TrustedKafkaConsumer
@@ -118,16 +118,16 @@ def hand_built_hop(base: WireEvent, destination: str, **changes: Any) -> WireEve
     newest = chain.newest
     hop = HopRing(
         actor=ORDERS.actor,
-        kid=ORDERS.kid,
+        key_tag=ORDERS.key_tag,
         iat=newest.iat,
         exp=newest.exp,
         scope=newest.scope,
-        prev_hash=chain.hashes()[-1],
         event_digest=base.digest(),
         destination=destination,
     )
     hop = dataclasses.replace(hop, **changes)
-    hop = dataclasses.replace(hop, signature=ORDERS.key.sign(hop.signing_input()))
+    # v2: a hop signs the previous ring's hash and its own body.
+    hop = dataclasses.replace(hop, signature=ORDERS.key.sign(chain.next_signing_input(hop)))
     return dataclasses.replace(base, chain=chain.appended(hop).encode())
 
 
@@ -143,7 +143,9 @@ def wire_attacks(dest: str, elsewhere: str) -> list[tuple[str, Reason, WireEvent
     derived = hand_built_hop(parent, dest)
     assert derived.chain is not None and parent.chain is not None
     full = decode_chain(derived.chain, max_bytes=1 << 20, max_rings=32)
-    broken = dataclasses.replace(derived, chain=Chain(full.origin, full.hops[1:]).encode())
+    # Removed on the wire: Chain(...) would re-encode the kept ring after the origin.
+    kept = (full.ring_bytes[0], full.ring_bytes[2])
+    broken = dataclasses.replace(derived, chain="2." + ".".join(b64url_encode(r) for r in kept))
     narrow = ChainSigner(EDGE).seal(
         event("narrow"), destination=elsewhere, origin=origin(), scope={"orders:read"}
     )
@@ -171,9 +173,38 @@ def wire_attacks(dest: str, elsewhere: str) -> list[tuple[str, Reason, WireEvent
         (
             "chain-over-depth",
             R.DEPTH_EXCEEDED,
-            dataclasses.replace(good, chain=b64url_encode(b"\xdd\xff\xff\xff\xff\x01")),
+            dataclasses.replace(good, chain=good.chain + ".AAAA" * 40),  # 42 rings by their dots
         ),
         ("no-chain", R.MISSING_CHAIN, dataclasses.replace(good, chain=None)),
+    ]
+
+
+def on_verified_prefixes(
+    first: WireEvent, second: WireEvent, dest: str
+) -> list[tuple[str, Reason, WireEvent]]:
+    """Forgeries that share a prefix with valid messages of the stream (the
+    consumer's verified-prefix cache holds it once they are verified; placed
+    after them): the verdict must be the one a cold verifier gives."""
+    assert first.chain is not None and second.chain is not None
+    chain = decode_chain(first.chain, max_bytes=1 << 20, max_rings=32)
+    newest = chain.newest
+    forged = HopRing(
+        actor=ORDERS.actor,
+        key_tag=ORDERS.key_tag,
+        iat=newest.iat,
+        exp=newest.exp,
+        scope=newest.scope,
+        event_digest=first.digest(),
+        destination=dest,
+        signature=bytes(64),
+    )
+    extended = dataclasses.replace(first, chain=chain.appended(forged).encode())
+    origin = first.chain.split(".")[1]
+    hop = second.chain.split(".")[2]
+    spliced = dataclasses.replace(second, chain=f"2.{origin}.{hop}")
+    return [
+        ("forged-ring-after-a-verified-chain", R.BAD_SIGNATURE, extended),
+        ("hop-of-another-chain-after-a-verified-origin", R.BROKEN_LINK, spliced),
     ]
 
 
@@ -220,9 +251,11 @@ def _kafka(wire: WireEvent, *, structured: bool = False) -> tuple[KafkaHeaders, 
 def kafka_stream(topic: str) -> tuple[list[Record], Record]:
     dest, elsewhere = f"kafka:{topic}", f"kafka:{topic}-elsewhere"
     valid: list[Record] = []
+    wires: list[WireEvent] = []
     for n in range(VALID):
         label = f"valid-{n:02d}"
-        headers, value = _kafka(seal(label, dest), structured=n % 4 == 3)
+        wires.append(seal(label, dest))
+        headers, value = _kafka(wires[-1], structured=n % 4 == 3)
         if n == 5:  # foreign headers of every odd shape are ignored, never signed
             headers = [("x-null", None), *headers, ("x-bin", b"\xff\x00"), ("x-bin", b"2")]
         valid.append(Record(label, None, label.encode(), value, headers, n))
@@ -312,9 +345,14 @@ def kafka_stream(topic: str) -> tuple[list[Record], Record]:
                 headers=[*original.headers, *extra],
             )
         )
+    # Forgeries on prefixes the consumer verified: same partition, after the original.
+    for label, reason, wire in on_verified_prefixes(wires[4], wires[6], dest):
+        headers, value = _kafka(wire)
+        slot = 4 if label.startswith("forged") else 6
+        replays.append(Record(label, reason, label.encode(), value, headers, slot))
     stream = interleave(valid, hostile, seed=7)
-    for copy in replays:  # somewhere after its original
-        start = next(i for i, r in enumerate(stream) if r.key == copy.key) + 1
+    for copy in replays:  # somewhere after its original (the valid record of its slot)
+        start = next(i for i, r in enumerate(stream) if r.key == valid[copy.slot].key) + 1
         stream.insert(random.Random(copy.label).randint(start, len(stream)), copy)
     last_headers, last_value = _kafka(seal("valid-last", dest))
     last = Record("valid-last", None, b"valid-last", last_value, last_headers, 0)
@@ -487,9 +525,9 @@ def _amqp(
 def amqp_stream(exchange: str, queue: str) -> tuple[list[Message], Message]:
     dest = f"amqp:{exchange}/{ROUTING_KEY}"
     elsewhere = f"amqp:{exchange}/order.cancelled"
+    wires = [seal(f"valid-{n:02d}", dest) for n in range(VALID)]
     valid = [
-        _amqp(seal(f"valid-{n:02d}", dest), f"valid-{n:02d}", None, structured=n % 4 == 3)
-        for n in range(VALID)
+        _amqp(wire, f"valid-{n:02d}", None, structured=n % 4 == 3) for n, wire in enumerate(wires)
     ]
     hostile = [
         _amqp(wire, label, reason, structured=label == "tampered-type")
@@ -570,6 +608,12 @@ def amqp_stream(exchange: str, queue: str) -> tuple[list[Message], Message]:
         )
         start = stream.index(original) + 1
         stream.insert(random.Random(n).randint(start, len(stream)), copy)
+    # Forgeries on prefixes the worker verified (one queue: judged after them).
+    for n, (label, reason, wire) in zip(
+        (4, 6), on_verified_prefixes(wires[4], wires[6], dest), strict=True
+    ):
+        start = stream.index(valid[n]) + 1
+        stream.insert(random.Random(label).randint(start, len(stream)), _amqp(wire, label, reason))
     return stream, _amqp(seal("valid-last", dest), "valid-last", None)
 
 

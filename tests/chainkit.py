@@ -26,12 +26,25 @@ import pytest
 
 from trusthop.bundle import BundleKey, TrustBundle
 from trusthop.canonical import b64url_decode, b64url_encode, pack
-from trusthop.chain import SIGNATURE_BYTES, Chain, HopRing, OriginRing, Ring
+from trusthop.chain import (
+    HOP_DOMAIN,
+    K_ACTOR,
+    K_KEY,
+    K_LINK,
+    ORIGIN_DOMAIN,
+    SIGNATURE_BYTES,
+    Chain,
+    HopRing,
+    OriginRing,
+    Ring,
+    next_hash,
+)
 from trusthop.digest import canonical_json
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
 from trusthop.keys import SigningKey
 from trusthop.sign import Identity, append_hop, mint_origin
+from trusthop.spiffe import SCHEME
 from trusthop.verify import Limits, VerifiedContext, verify_chain
 
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z
@@ -245,3 +258,100 @@ def encode_segments(segments: Sequence[bytes], version: str = "2") -> str:
 
 def flip(data: bytes, index: int = 0) -> bytes:
     return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1 :]
+
+
+# -- wire-level building blocks (v2): ring bytes, bodies, hashes -------------
+#
+# Structural attacks (removing, reordering, duplicating, splicing rings) must
+# be made on the wire text or the ring bytes: Chain(...) re-encodes every ring
+# and recomputes each link tag for the sequence it is given.
+
+
+def counter_key(n: int) -> SigningKey:
+    """The Ed25519 key whose seed is ``n`` as 32 big-endian bytes."""
+    return SigningKey.from_seed(n.to_bytes(32, "big"))
+
+
+# Key tags are 16 bits: these keys were found by search (each use asserts it).
+TAG_TWIN_SEEDS = (54, 216)
+"""Two different keys (``counter_key``) with one key tag (0x3232)."""
+ORDERS_TAG_TWIN = counter_key(56971)
+"""Not the orders service's key, but with the key tag of ``ORDERS``'s key."""
+EDGE_TAG_TWIN = counter_key(177828)
+"""Not the edge's key, but with the key tag of ``EDGE``'s key."""
+
+
+def wire_rings(encoded: str) -> list[bytes]:
+    """The bytes of each ring of a chain text (signature then body); no checks."""
+    return [b64url_decode(segment) for segment in encoded.split(".")[1:]]
+
+
+def wire_hashes(rings: Sequence[bytes]) -> list[bytes]:
+    """The ring hashes of a sequence of ring bytes, oldest first."""
+    out: list[bytes] = []
+    for data in rings:
+        out.append(next_hash(out[-1] if out else None, data))
+    return out
+
+
+def body_map(ring: bytes) -> dict[int, Any]:
+    """The body of ring bytes as a map (no checks)."""
+    return msgpack.unpackb(ring[SIGNATURE_BYTES:], raw=False, strict_map_key=False)
+
+
+def signed_ring(body: bytes | dict[int, Any], key: Identity | SigningKey,
+                prev_hash: bytes | None = None) -> bytes:
+    """Ring bytes: ``body`` (packed canonically unless already bytes) signed by
+    ``key`` as an origin (``prev_hash`` None) or as the ring after the ring
+    whose hash is ``prev_hash``. The body is signed as given: a wrong link tag
+    in it stays wrong."""
+    raw = body if isinstance(body, bytes) else pack(body)
+    signer = key.key if isinstance(key, Identity) else key
+    message = ORIGIN_DOMAIN + raw if prev_hash is None else HOP_DOMAIN + prev_hash + raw
+    return signer.sign(message) + raw
+
+
+def actor_of(body: dict[int, Any], origin_body: dict[int, Any]) -> str:
+    """The full SPIFFE ID a body names (a hop names a path in the origin's domain)."""
+    actor = body[K_ACTOR]
+    if actor.startswith(SCHEME):
+        return str(actor)
+    domain = origin_body[K_ACTOR][len(SCHEME):].partition("/")[0]
+    return f"{SCHEME}{domain}{actor}"
+
+
+def resign_wire(rings: Sequence[bytes], start: int, *, fix_links: bool = True) -> list[bytes]:
+    """Ring bytes with rings ``start..`` re-signed, by their legitimate keys
+    (``SIGNER_OF`` by actor and key tag), after the rings now before them;
+    ``fix_links`` also rewrites each re-signed hop's link tag to name the ring
+    now before it. What an attacker holding every later key could do."""
+    out = list(rings)
+    origin = body_map(out[0])
+    for index in range(start, len(out)):
+        body = body_map(out[index])
+        hashes = wire_hashes(out[:index])
+        if index and fix_links:
+            body[K_LINK] = int.from_bytes(hashes[-1][:2], "big")
+        signer = SIGNER_OF[(actor_of(body, origin if index else body), body[K_KEY])]
+        out[index] = signed_ring(body, signer, hashes[-1] if index else None)
+        if index == 0:
+            origin = body
+    return out
+
+
+def edit_ring(encoded: str, index: int, change: Callable[[dict[int, Any]], Any]) -> str:
+    """The chain text with ring ``index``'s body changed by ``change`` (called
+    on the body map) and packed canonically again; its signature is kept."""
+    rings = wire_rings(encoded)
+    body = body_map(rings[index])
+    change(body)
+    rings[index] = rings[index][:SIGNATURE_BYTES] + pack(body)
+    return encode_segments(rings)
+
+
+# -- a link-tag twin ----------------------------------------------------------
+
+# The transaction id whose origin (minted as in ``build_story(TAG_TWIN_TXN,
+# subject="user:bob")``) has a ring hash with the same 16-bit link tag as
+# ``build_story()``'s origin, found once by search (each use asserts it).
+TAG_TWIN_TXN = "txn-collide-30925"

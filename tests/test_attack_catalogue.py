@@ -8,9 +8,10 @@ to blame, where one is), an exception a loader raises (a bad trust bundle is
 refused when it is read, not per message), or ``None`` where the attack is
 by design *not* a rejection because it does not change what was signed:
 
-* a ring names no algorithm; the bundle entry of its key id does. An ES256
-  signature under an Ed25519 key id (and the reverse) is ``bad_signature``;
-  a field that would name an algorithm is an unknown field: ``malformed``;
+* a ring names no algorithm; the bundle entry its actor and key tag name
+  does. An ES256 signature under an Ed25519 key tag (and the reverse) is
+  ``bad_signature``; a field that would name an algorithm is an unknown
+  field: ``malformed``;
 * typed AMQP header values (``int``, ``bool``) and typed structured-mode
   members are signed in their canonical string form (``7``, ``true``), so
   they verify against the string form a Kafka header carries; out-of-range
@@ -28,10 +29,25 @@ by design *not* a rejection because it does not change what was signed:
   it arrives with a marker and is ``malformed``.
 
 Rows marked ``cheap`` must be refused before any key lookup
-(``TrustBundle.get``) and any signature check (``PublicKey.verify``), both
-counted; rows with ``forbidden`` name functions that must not run at all
-(the decoder refusing by length before base64, before msgpack, before
-building a list). No row is judged by the clock.
+(``TrustBundle.key_for``, ``entry_of``, ``get``) and any signature check
+(``PublicKey.verify``), all counted; rows with ``forbidden`` name functions
+that must not run at all (the decoder refusing by length or by ring count,
+its dots, before base64url and before msgpack). No row is judged by the
+clock.
+
+The field mutations are generated from the wire format's field tables
+(version 2, ``trusthop.chain``), checked against them. Version 2 made some
+version-1 attacks unrepresentable: a hop actor outside the chain's trust
+domain (a hop carries a path), a hop that starts before its parent (its
+``iat`` is an unsigned delta), a window that ends before it starts (an
+unsigned ``ttl``), a key id bound to another actor (keys are found by actor
+and key tag). Their rows now show that every way of writing them is refused
+(``malformed``, or ``unknown_key`` for the binding), even when really
+signed, and that the encoder cannot produce them. Version 2 also opened new
+ground, with rows of its own: the 64-byte signature before each body, the
+16-bit link and key tags (a collision passes the diagnosis, never the
+signature; a bundle refuses two keys of one actor with one tag), the dots
+of the text, inherited fields restated, UUIDs that must travel as bytes.
 
 After the table: the fixes found while writing it (a routing key with
 control characters, AMQP properties that do not decode, one key bound to
@@ -63,22 +79,28 @@ from chainkit import (
     BUNDLE,
     DEST1,
     DEST2,
+    DOMAIN,
     EDGE,
+    EDGE_ID,
+    FOREIGN,
+    FOREIGN_ID,
     ORDERS,
     ORDERS_ID,
+    ORDERS_TAG_TWIN,
     PAYMENTS,
     PAYMENTS_ID,
     S2,
     T0,
+    TAG_TWIN_TXN,
     FixedClock,
     build_story,
-    encode_bytes,
-    encode_raw,
-    encode_rings,
+    edit_ring,
+    encode_segments,
     flip,
-    raw_maps,
     rejected,
+    ring_parts,
     sign_ring,
+    signed_ring,
     verify,
 )
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -102,7 +124,7 @@ from trusthop.bindings import (
     encode_structured,
 )
 from trusthop.bundle import BundleError, BundleKey, TrustBundle, merge
-from trusthop.canonical import b64url_decode, pack
+from trusthop.canonical import b64url_encode, pack
 from trusthop.chain import (
     K_ACR,
     K_ACTOR,
@@ -111,18 +133,18 @@ from trusthop.chain import (
     K_CRED_HASH,
     K_DEST,
     K_EVENT,
-    K_EXP,
     K_IAT,
     K_ISSUER,
-    K_KID,
+    K_KEY,
+    K_LINK,
     K_PEER,
-    K_PREV,
     K_SCOPE,
-    K_SIG,
     K_SUBJECT,
-    K_TRUST_DOMAIN,
+    K_TTL,
     K_TXN,
     K_X5C,
+    MAX_RING_BYTES,
+    SIGNATURE_BYTES,
     Chain,
     HopRing,
 )
@@ -191,9 +213,10 @@ class Attack:
 
 STORY = build_story()
 OTHER = build_story("txn-2", subject="user:bob")
-A0 = STORY.origin
+A0 = STORY.chain.origin
 A1, A2 = STORY.chain.hops
-RAW = b64url_decode(STORY.encoded)
+R0, R1, R2 = STORY.chain.ring_bytes  # each ring as it travels: signature, then body
+Q0, Q1, Q2 = OTHER.chain.ring_bytes
 PREFIX = Chain(A0, (A1,))  # origin and the edge's hop: what the orders service consumed
 
 AMQP_EXCHANGE, AMQP_KEY = "shipping", "order.reserved"
@@ -204,6 +227,7 @@ TOPIC2 = DEST2.removeprefix("kafka:")
 _ES_KEY = SigningKey(ec.derive_private_key(0x5EED, ec.SECP256R1()))
 ORDERS_ES = Identity.create(ORDERS_ID, _ES_KEY, kid="orders-es")
 ES_BUNDLE = TrustBundle.of([*BUNDLE.keys.values(), ORDERS_ES.bundle_key])
+assert ORDERS_ES.key_tag != ORDERS.key_tag  # one actor, two keys: two tags
 
 
 def verifier(bundle: TrustBundle = BUNDLE, **kwargs: Any) -> ChainVerifier:
@@ -254,15 +278,24 @@ def amqp(
     )
 
 
-def chain_of(rings: list[Any]) -> Callable[[], object]:
-    return lambda: verify(encode_rings(rings), story=STORY)
+def rings_of(segments: list[bytes], **kwargs: Any) -> Callable[[], object]:
+    """Verify the chain made of these ring bytes, in this order (structural
+    attacks work on ring bytes: ``Chain(...)`` would re-encode every ring and
+    recompute its link tag for the new sequence)."""
+    return text(encode_segments(segments), **kwargs)
 
 
 def text(encoded: str, **kwargs: Any) -> Callable[[], object]:
     return lambda: verify(encoded, story=STORY, **kwargs)
 
 
-# -- raw msgpack, for what the canonical encoder would never write ------------
+def after(chain: Chain, ring: HopRing, signer: Identity | SigningKey) -> bytes:
+    """``ring`` signed by ``signer`` as the ring after ``chain``'s newest: its bytes."""
+    signed = sign_ring(ring, signer, chain)
+    return chain.appended(signed).ring_bytes[-1]  # type: ignore[arg-type]
+
+
+# -- ring bodies as maps, and by hand for what the encoder would never write --
 
 
 def _map_bytes(items: list[tuple[Any, Any]], raw_values: dict[Any, bytes] | None = None) -> bytes:
@@ -273,61 +306,76 @@ def _map_bytes(items: list[tuple[Any, Any]], raw_values: dict[Any, bytes] | None
     return bytes(out)
 
 
-def _chain_bytes(maps: list[Any], rings: dict[int, bytes]) -> bytes:
-    """``[version, ring...]`` with the rings given as raw bytes replaced."""
-    out = bytearray(msgpack.Packer().pack_array_header(len(maps)))
-    out += pack(maps[0])
-    for index, ring in enumerate(maps[1:]):
-        out += rings.get(index, pack(ring))
-    return bytes(out)
+def body_of(index: int) -> dict[int, Any]:
+    return dict(ring_parts(STORY.encoded)[index][1])
 
 
 def raw_ring(index: int, raw_values: dict[Any, bytes] | None = None, *, extra: Any = ()) -> str:
-    """The story with ring ``index`` re-encoded by hand (``extra`` items added)."""
-    maps = raw_maps(STORY.encoded)
-    items = sorted([*maps[index + 1].items(), *extra], key=lambda kv: (str(type(kv[0])), kv[0]))
-    return encode_bytes(_chain_bytes(maps, {index: _map_bytes(items, raw_values)}))
+    """The story with ring ``index``'s body re-encoded by hand (some values
+    given as raw msgpack, ``extra`` items added), its signature kept."""
+    items = sorted([*body_of(index).items(), *extra], key=lambda kv: (str(type(kv[0])), kv[0]))
+    return with_body(index, _map_bytes(items, raw_values))
+
+
+def with_body(index: int, body: bytes, sig: bytes | None = None) -> str:
+    """The story with ring ``index``'s body (and signature) replaced by bytes."""
+    segments = list(STORY.chain.ring_bytes)
+    segments[index] = (segments[index][:SIGNATURE_BYTES] if sig is None else sig) + body
+    return encode_segments(segments)
 
 
 def with_ring(index: int, change: Callable[[dict[Any, Any]], None]) -> str:
-    """The story with ring ``index``'s wire map changed, re-encoded canonically."""
-    maps = [dict(m) if isinstance(m, dict) else m for m in raw_maps(STORY.encoded)]
-    change(maps[index + 1])
-    return encode_raw(maps)
+    """The story with ring ``index``'s body map changed, packed canonically
+    again; its signature kept."""
+    return edit_ring(STORY.encoded, index, change)
+
+
+def signed_after(
+    index: int, change: Callable[[dict[Any, Any]], None], signer: Identity | SigningKey
+) -> str:
+    """The story with ring ``index``'s body changed and *really signed* by
+    ``signer`` after the rings before it (bodies the encoder refuses)."""
+    body = body_of(index)
+    change(body)
+    segments = list(STORY.chain.ring_bytes)
+    before = None if index == 0 else Chain(A0, STORY.chain.hops[: index - 1]).hashes()[-1]
+    segments[index] = signed_ring(body, signer, before)
+    return encode_segments(segments)
 
 
 # --------------------------------------------------------------------------- #
-# 1. every field of every ring, one at a time
+# 1. every field of every ring, one at a time (the v2 tables of trusthop.chain)
 # --------------------------------------------------------------------------- #
 
 FIELD_NAMES = {
-    K_SIG: "sig",
     K_ACTOR: "actor",
-    K_KID: "kid",
+    K_KEY: "key",
     K_IAT: "iat",
-    K_EXP: "exp",
+    K_TTL: "ttl",
     K_SCOPE: "scope",
     K_X5C: "x5c",
     K_SUBJECT: "subject",
     K_ISSUER: "issuer",
     K_CRED_HASH: "cred",
     K_TXN: "txn",
-    K_TRUST_DOMAIN: "trust_domain",
     K_ACR: "acr",
     K_AMR: "amr",
-    K_PREV: "prev",
+    K_LINK: "link",
     K_EVENT: "event",
     K_DEST: "dest",
     K_CONSUMED: "consumed",
     K_PEER: "peer",
 }
-COMMON_REQUIRED = {K_SIG, K_ACTOR, K_KID, K_IAT, K_EXP, K_SCOPE}
-ORIGIN_REQUIRED = COMMON_REQUIRED | {K_SUBJECT, K_ISSUER, K_CRED_HASH, K_TXN, K_TRUST_DOMAIN}
-ORIGIN_OPTIONAL = {K_X5C, K_ACR, K_AMR}
-HOP_REQUIRED = COMMON_REQUIRED | {K_PREV, K_EVENT, K_DEST}
-HOP_OPTIONAL = {K_X5C, K_CONSUMED, K_PEER}
-# Another actor of the same trust domain, for each ring (its key id stays bound to the real one).
-OTHER_ACTOR = {0: ORDERS_ID, 1: ORDERS_ID, 2: PAYMENTS_ID}
+ONE_OF = {K_KEY, K_X5C}  # every ring carries exactly one of them
+ORIGIN_REQUIRED = {K_ACTOR, K_IAT, K_TTL, K_SCOPE, K_SUBJECT, K_ISSUER, K_CRED_HASH, K_TXN}
+ORIGIN_OPTIONAL = ONE_OF | {K_ACR, K_AMR}
+HOP_REQUIRED = {K_ACTOR, K_IAT, K_LINK, K_EVENT, K_DEST}
+HOP_OPTIONAL = ONE_OF | {K_TTL, K_SCOPE, K_CONSUMED, K_PEER}
+# Another actor of the same trust domain, for each ring: full ID in the
+# origin, a path in a hop. v2 names a key by (actor, key tag), so the ring's
+# tag names no key of that actor: unknown_key (v1's "key id bound to another
+# actor" is no longer expressible).
+OTHER_ACTOR = {0: ORDERS_ID, 1: "/ns/shop/sa/orders", 2: "/ns/pay/sa/payments"}
 ADDED = {
     K_X5C: [b"\x30\x00"],
     K_ACR: "mfa",
@@ -340,11 +388,13 @@ ADDED = {
 def _changed(index: int, key: int, value: Any) -> tuple[Any, Reason]:
     """A type-preserving change of one wire value and the reason it must get."""
     if key == K_ACTOR:
-        return OTHER_ACTOR[index], R.UNAUTHORIZED_ACTOR
-    if key == K_KID:
-        return "no-such-kid", R.UNKNOWN_KEY
-    if key == K_TRUST_DOMAIN:
-        return "partner.example.org", R.UNAUTHORIZED_ACTOR
+        return OTHER_ACTOR[index], R.UNKNOWN_KEY
+    if key == K_KEY:
+        return value ^ 1, R.UNKNOWN_KEY  # the actor has no key with that tag
+    if key == K_LINK:
+        # The signature (over the previous ring's whole hash) fails, and the
+        # tag no longer names the previous ring: diagnosed as a broken link.
+        return value ^ 1, R.BROKEN_LINK
     if isinstance(value, bool):  # pragma: no cover - no boolean field exists
         raise AssertionError(key)
     if isinstance(value, int):
@@ -369,65 +419,139 @@ def _retyped(value: Any) -> Any:
 
 
 def _field_attacks() -> Iterator[Attack]:
-    maps = raw_maps(STORY.encoded)
     for index in range(3):
-        ring = maps[index + 1]
+        ring = body_of(index)
         required, optional = (
             (ORIGIN_REQUIRED, ORIGIN_OPTIONAL) if index == 0 else (HOP_REQUIRED, HOP_OPTIONAL)
+        )
+        # The signature is the first 64 bytes of a ring, not a field of its body.
+        sig, body = STORY.chain.ring_bytes[index][:64], STORY.chain.ring_bytes[index][64:]
+        yield Attack(
+            "mutation",
+            f"ring{index}.sig changed",
+            text(with_body(index, body, flip(sig, 7))),
+            R.BAD_SIGNATURE,
+            index,
+        )
+        yield Attack(
+            "mutation",
+            f"ring{index}.sig removed",
+            text(with_body(index, body, b"")),
+            R.MALFORMED,
+            index,
+            cheap=True,
+        )
+        yield Attack(
+            "mutation",
+            f"ring{index}.sig truncated",
+            text(with_body(index, body, sig[:63])),
+            R.MALFORMED,
+            index,
+            cheap=True,
         )
         for key in sorted(required | optional):
             name = f"ring{index}.{FIELD_NAMES[key]}"
             if key not in ring:
-                reason = R.BAD_CERTIFICATE if key == K_X5C else R.BAD_SIGNATURE
+                # x5c beside a key tag: a ring names its key one way only.
+                reason, cheap = (R.MALFORMED, True) if key == K_X5C else (R.BAD_SIGNATURE, False)
                 added = with_ring(index, lambda m, k=key: m.__setitem__(k, ADDED[k]))
-                yield Attack("mutation", f"{name} added", text(added), reason, index)
+                yield Attack("mutation", f"{name} added", text(added), reason, index, cheap=cheap)
+                if key == K_X5C:
+                    instead = with_ring(
+                        index, lambda m: (m.pop(K_KEY), m.__setitem__(K_X5C, ADDED[K_X5C]))
+                    )
+                    yield Attack(
+                        "mutation",
+                        f"{name} instead of the key tag",
+                        text(instead),
+                        R.BAD_CERTIFICATE,
+                        index,
+                        note="the key is then the certificate's: it does not parse",
+                    )
                 continue
             new, reason = _changed(index, key, ring[key])
             changed = with_ring(index, lambda m, k=key, v=new: m.__setitem__(k, v))
             yield Attack("mutation", f"{name} changed", text(changed), reason, index)
             removed = with_ring(index, lambda m, k=key: m.pop(k))
-            if key in required:
+            if key in required or key in ONE_OF:
                 yield Attack(
                     "mutation", f"{name} removed", text(removed), R.MALFORMED, index, cheap=True
                 )
             else:
+                # An optional hop field that is absent is inherited (ttl,
+                # scope): another meaning, and another body, under the signature.
                 yield Attack("mutation", f"{name} removed", text(removed), R.BAD_SIGNATURE, index)
             retyped = with_ring(index, lambda m, k=key: m.__setitem__(k, _retyped(m[k])))
             yield Attack(
                 "mutation", f"{name} retyped", text(retyped), R.MALFORMED, index, cheap=True
             )
+    # v2 writes what a hop inherits (its end of validity, its scope) only
+    # when it changes: restating it is another body, so another signature.
+    inheriting = append_hop(
+        ORDERS, PREFIX, event_digest=STORY.digest, destination=DEST2, now=T0 + 20
+    )
+    assert K_TTL not in ring_parts(inheriting.encode())[2][1]
+    assert K_SCOPE not in ring_parts(inheriting.encode())[2][1]
+    yield Attack("mutation", "ring2.ttl inherited (control)", text(inheriting.encode()), None)
+    for key, value in ((K_TTL, A1.exp - (T0 + 20)), (K_SCOPE, sorted(A1.scope))):
+        restated = edit_ring(inheriting.encode(), 2, lambda m, k=key, v=value: m.__setitem__(k, v))
+        yield Attack(
+            "mutation",
+            f"ring2.{FIELD_NAMES[key]} restated with the inherited value",
+            text(restated),
+            R.BAD_SIGNATURE,
+            2,
+        )
 
 
 # --------------------------------------------------------------------------- #
 # 2. rings dropped, reordered, duplicated, truncated, spliced, concatenated
 # --------------------------------------------------------------------------- #
 
-B0 = OTHER.origin
-B1, B2 = OTHER.chain.hops
-
 
 def _structure_attacks() -> Iterator[Attack]:
-    rows: list[tuple[str, list[Any], Reason, object]] = [
-        ("origin dropped", [A1, A2], R.MALFORMED, 0),
-        ("middle ring dropped", [A0, A2], R.BROKEN_LINK, 1),
-        ("newest ring dropped", [A0, A1], R.EVENT_MISMATCH, 1),
-        ("only the origin left", [A0], R.MALFORMED, ANY_RING),
-        ("hops reordered", [A0, A2, A1], R.BROKEN_LINK, 1),
-        ("origin after a hop", [A1, A0, A2], R.MALFORMED, 0),
-        ("origin duplicated", [A0, A0, A1, A2], R.MALFORMED, 1),
-        ("middle ring duplicated", [A0, A1, A1, A2], R.BROKEN_LINK, 2),
-        ("newest ring duplicated", [A0, A1, A2, A2], R.BROKEN_LINK, 3),
-        ("middle ring spliced from another valid chain", [A0, B1, A2], R.BROKEN_LINK, 1),
-        ("newest ring spliced from another valid chain", [A0, A1, B2], R.BROKEN_LINK, 2),
-        ("origin spliced from another valid chain (other subject)", [B0, A1, A2], R.BROKEN_LINK, 1),
-        ("two valid chains concatenated in one array", [A0, A1, A2, B0, B1, B2], R.MALFORMED, 3),
-        ("a chain extended with another chain's hops", [A0, A1, A2, B1, B2], R.BROKEN_LINK, 3),
+    rows: list[tuple[str, list[bytes], Reason, object]] = [
+        ("origin dropped", [R1, R2], R.MALFORMED, 0),
+        ("middle ring dropped", [R0, R2], R.BROKEN_LINK, 1),
+        ("newest ring dropped", [R0, R1], R.EVENT_MISMATCH, 1),
+        ("only the origin left", [R0], R.MALFORMED, ANY_RING),
+        ("hops reordered", [R0, R2, R1], R.BROKEN_LINK, 1),
+        ("origin after a hop", [R1, R0, R2], R.MALFORMED, 0),
+        ("origin duplicated", [R0, R0, R1, R2], R.MALFORMED, 1),
+        ("middle ring duplicated", [R0, R1, R1, R2], R.BROKEN_LINK, 2),
+        ("newest ring duplicated", [R0, R1, R2, R2], R.BROKEN_LINK, 3),
+        ("middle ring spliced from another valid chain", [R0, Q1, R2], R.BROKEN_LINK, 1),
+        ("newest ring spliced from another valid chain", [R0, R1, Q2], R.BROKEN_LINK, 2),
+        ("origin spliced from another valid chain (other subject)", [Q0, R1, R2], R.BROKEN_LINK, 1),
+        ("two valid chains concatenated in one text", [R0, R1, R2, Q0, Q1, Q2], R.MALFORMED, 3),
+        ("a chain extended with another chain's hops", [R0, R1, R2, Q1, Q2], R.BROKEN_LINK, 3),
     ]
-    for name, rings, reason, ring in rows:
+    for name, segments, reason, ring in rows:
         cheap = reason is R.MALFORMED
-        yield Attack("structure", name, chain_of(rings), reason, ring, cheap=cheap)
+        yield Attack("structure", name, rings_of(segments), reason, ring, cheap=cheap)
+    # The link tag is 16 bits: a forged predecessor whose hash shares them
+    # (found by search) passes the diagnosis, never the signature.
+    twin = build_story(TAG_TWIN_TXN, subject="user:bob")
+    assert twin.chain.link_tags[1] == STORY.chain.link_tags[1]
+    yield Attack(
+        "structure",
+        "origin spliced from a chain whose origin hash shares the link tag",
+        rings_of([twin.chain.ring_bytes[0], R1, R2]),
+        R.BAD_SIGNATURE,
+        1,
+        note="the tag only tells a removed ring from an edited one; the signature covers the hash",
+    )
+    yield Attack(
+        "structure",
+        "a ring really signed after its parent, its link tag naming another",
+        text(signed_after(2, lambda m: m.__setitem__(K_LINK, m[K_LINK] ^ 1), ORDERS)),
+        R.BROKEN_LINK,
+        2,
+        note="the signature holds; the link check after it refuses the signed tag",
+    )
     encoded = STORY.encoded
-    for cut in (1, 2, 40, len(encoded) // 2, len(encoded) - 2, len(encoded) - 1):
+    dots = [i for i, c in enumerate(encoded) if c == "."]
+    for cut in (1, 2, 40, len(encoded) // 2, len(encoded) - 2, len(encoded) - 1, dots[1] + 1):
         yield Attack(
             "structure",
             f"text truncated to {cut} characters",
@@ -435,12 +559,20 @@ def _structure_attacks() -> Iterator[Attack]:
             R.MALFORMED,
             cheap=True,
         )
-    for cut in (1, 3, len(RAW) // 2, len(RAW) - 1):
+    yield Attack(
+        "structure",
+        "text truncated at the last dot (the parent chain, valid)",
+        text(encoded[: dots[-1]]),
+        R.EVENT_MISMATCH,
+        1,
+    )
+    for cut in (1, 63, 64, 65, len(R2) // 2, len(R2) - 1):
         yield Attack(
             "structure",
-            f"bytes truncated to {cut}",
-            text(encode_bytes(RAW[:cut])),
+            f"newest ring's bytes truncated to {cut}",
+            rings_of([R0, R1, R2[:cut]]),
             R.MALFORMED,
+            2,
             cheap=True,
         )
     yield Attack(
@@ -452,26 +584,32 @@ def _structure_attacks() -> Iterator[Attack]:
     )
     yield Attack(
         "structure",
-        "two chains' bytes concatenated",
-        text(encode_bytes(RAW + b64url_decode(OTHER.encoded))),
+        "two chains' texts joined by a dot",
+        text(encoded + "." + OTHER.encoded),
         R.MALFORMED,
+        3,
         cheap=True,
     )
+    for name, bad in (
+        ("an empty ring between two dots", encoded.replace(".", "..", 2).replace("..", ".", 1)),
+        ("a trailing dot", encoded + "."),
+        ("a leading dot after the version", "2.." + encoded[2:]),
+    ):
+        yield Attack("structure", name, text(bad), R.MALFORMED, cheap=True)
 
 
 # --------------------------------------------------------------------------- #
-# 3. algorithm confusion, one key id under two actors, unknown critical fields
+# 3. algorithm confusion, one key under two actors, unknown critical fields
 # --------------------------------------------------------------------------- #
 
 
-def _resigned(ring: HopRing, key: SigningKey) -> list[Any]:
-    return [A0, A1, dataclasses.replace(ring, signature=key.sign(ring.signing_input()))]
+def _resigned(ring: HopRing, key: SigningKey) -> list[bytes]:
+    return [R0, R1, after(PREFIX, ring, key)]
 
 
-def _es_story() -> list[Any]:
+def _es_story() -> list[bytes]:
     """The story with its newest ring signed by the ES256 key of the orders actor."""
-    hop = dataclasses.replace(A2, kid=ORDERS_ES.kid)
-    return _resigned(hop, ORDERS_ES.key)
+    return _resigned(dataclasses.replace(A2, key_tag=ORDERS_ES.key_tag), ORDERS_ES.key)
 
 
 def _bundle_doc(*entries: tuple[str, str, PublicKey]) -> dict[str, Any]:
@@ -487,34 +625,33 @@ def _confusion_attacks() -> Iterator[Attack]:
     es = _es_story()
     yield Attack(
         "confusion",
-        "control: an ES256 ring under its ES256 key id",
-        lambda: verify(encode_rings(es), bundle=ES_BUNDLE, story=STORY),
+        "control: an ES256 ring under its ES256 key tag",
+        rings_of(es, bundle=ES_BUNDLE),
         None,
     )
     yield Attack(
         "confusion",
-        "ES256 signature under an Ed25519 key id",
-        chain_of(_resigned(A2, ORDERS_ES.key)),
+        "ES256 signature under an Ed25519 key tag",
+        rings_of(_resigned(A2, ORDERS_ES.key)),
         R.BAD_SIGNATURE,
         2,
-        note="rings carry no algorithm: the key id's bundle entry decides (Ed25519)",
+        note="rings carry no algorithm: the bundle entry the key tag names decides (Ed25519)",
     )
-    ed_under_es = _resigned(dataclasses.replace(A2, kid=ORDERS_ES.kid), ORDERS.key)
+    ed_under_es = _resigned(dataclasses.replace(A2, key_tag=ORDERS_ES.key_tag), ORDERS.key)
     yield Attack(
         "confusion",
-        "Ed25519 signature under an ES256 key id",
-        lambda: verify(encode_rings(ed_under_es), bundle=ES_BUNDLE, story=STORY),
+        "Ed25519 signature under an ES256 key tag",
+        rings_of(ed_under_es, bundle=ES_BUNDLE),
         R.BAD_SIGNATURE,
         2,
     )
-    sig = es[2].signature
+    sig = es[2][:SIGNATURE_BYTES]
     n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
     high_s = sig[:32] + (n - int.from_bytes(sig[32:], "big")).to_bytes(32, "big")
-    malleated = [A0, A1, dataclasses.replace(es[2], signature=high_s)]
     yield Attack(
         "confusion",
         "ES256 signature malleated to high s",
-        lambda: verify(encode_rings(malleated), bundle=ES_BUNDLE, story=STORY),
+        rings_of([R0, R1, high_s + es[2][SIGNATURE_BYTES:]], bundle=ES_BUNDLE),
         R.BAD_SIGNATURE,
         2,
     )
@@ -524,11 +661,22 @@ def _confusion_attacks() -> Iterator[Attack]:
             f"an alg-like field {key!r}: {value!r}",
             text(raw_ring(2, extra=[(key, value)])),
             R.MALFORMED,
-            2 if isinstance(key, int) else ANY_RING,  # a text key fails canonical encoding
+            2,
             cheap=True,
-            note="every field is critical in wire version 1: an unknown one is malformed",
+            note="every field is critical in wire version 2: an unknown one is malformed",
         )
-    for index, key in ((0, 20), (0, 7), (1, 10), (2, 25), (2, 99), (2, -1)):
+    for index, key in (
+        (0, 20),
+        (0, 7),
+        (0, 14),
+        (0, 0),
+        (1, 10),
+        (1, 14),
+        (2, 25),
+        (2, 99),
+        (2, -1),
+        (2, 0x10000),
+    ):
         yield Attack(
             "confusion",
             f"unknown critical field {key} in ring {index}",
@@ -536,6 +684,7 @@ def _confusion_attacks() -> Iterator[Attack]:
             R.MALFORMED,
             index,
             cheap=True,
+            note="14 and 0 were v1's trust domain and signature fields" if key in (0, 14) else "",
         )
     ed = ORDERS.key.public_key
     yield Attack(
@@ -585,20 +734,69 @@ def _confusion_attacks() -> Iterator[Attack]:
         BundleError,
         note="fixed with this catalogue: the holder of such a key could sign as either",
     )
+    # v2: rings name a key by (actor, 16-bit key tag); a bundle must make that unique.
+    assert ORDERS_TAG_TWIN.public_key.key_tag == ORDERS.key_tag
+    twin = BundleKey("orders-twin", ORDERS_ID, ORDERS_TAG_TWIN.public_key)
     yield Attack(
         "confusion",
-        "a ring naming actor B under actor A's key id",
-        text(with_ring(2, lambda m: m.__setitem__(K_ACTOR, PAYMENTS_ID))),
-        R.UNAUTHORIZED_ACTOR,
+        "two keys of one actor sharing a key tag in one bundle",
+        lambda: TrustBundle.of([*BUNDLE.keys.values(), twin]),
+        BundleError,
+        note="the tag would not say which key signed",
+    )
+    yield Attack(
+        "confusion",
+        "two keys of one actor sharing a key tag across merged bundles",
+        lambda: merge([BUNDLE, TrustBundle.of([twin])]),
+        BundleError,
+    )
+    yield Attack(
+        "confusion",
+        "the orders key also listed under a revoked id",
+        rings_of(
+            [R0, R1, R2],
+            bundle=TrustBundle.of(
+                [*BUNDLE.keys.values(), BundleKey("orders-old", ORDERS_ID, ed, revoked=True)]
+            ),
+        ),
+        R.REVOKED,
+        2,
+        note="one key under two ids of one actor: the stricter entry counts",
+    )
+    yield Attack(
+        "confusion",
+        "a ring naming actor B under actor A's key tag",
+        text(with_ring(2, lambda m: m.__setitem__(K_ACTOR, "/ns/pay/sa/payments"))),
+        R.UNKNOWN_KEY,
+        2,
+        note="v1 said unauthorized_actor (a key id bound to another actor); v2 looks the key "
+        "up by (actor, tag), and B has no key with A's tag",
+    )
+    yield Attack(
+        "confusion",
+        "actor B's name, signed with actor A's real key under A's key tag",
+        rings_of(_resigned(dataclasses.replace(A2, actor=PAYMENTS_ID), ORDERS.key)),
+        R.UNKNOWN_KEY,
         2,
     )
-    as_payments = _resigned(dataclasses.replace(A2, actor=PAYMENTS_ID), ORDERS.key)
     yield Attack(
         "confusion",
-        "actor B's name, signed with actor A's real key under A's key id",
-        chain_of(as_payments),
-        R.UNAUTHORIZED_ACTOR,
+        "actor B's name and key tag, signed with actor A's real key",
+        rings_of(
+            _resigned(
+                dataclasses.replace(A2, actor=PAYMENTS_ID, key_tag=PAYMENTS.key_tag), ORDERS.key
+            )
+        ),
+        R.BAD_SIGNATURE,
         2,
+    )
+    yield Attack(
+        "confusion",
+        "a key sharing A's key tag signs as A",
+        rings_of(_resigned(A2, ORDERS_TAG_TWIN)),
+        R.BAD_SIGNATURE,
+        2,
+        note="the tag selects the bundled key; the signature must verify under it",
     )
 
 
@@ -606,8 +804,8 @@ def _confusion_attacks() -> Iterator[Attack]:
 # 4. bounds: before any signature, in bounded time and memory
 # --------------------------------------------------------------------------- #
 
-NOT_DECODED = ("trusthop.chain.b64url_decode", "trusthop.chain.unpack_canonical")
-NOT_UNPACKED = ("trusthop.chain.unpack_canonical",)
+NOT_DECODED = ("trusthop.chain.b64url_decode", "trusthop.chain._unpackb")
+NOT_UNPACKED = ("trusthop.chain._unpackb",)
 
 
 def _long_chain(rings: int) -> Chain:
@@ -646,14 +844,22 @@ def _bounds_attacks() -> Iterator[Attack]:
         cheap=True,
         forbidden=NOT_DECODED,
     )
-    for announced in (b"\xdd\xff\xff\xff\xff", b"\xdc\xff\xff", b"\xdc\x00\x22"):
+    # v2 counts rings by their dots, before decoding anything (v1 read a
+    # msgpack array header for it).
+    for name, dotted, limits in (
+        ("33 empty rings", "2" + "." * 33, Limits()),
+        ("100000 one-character rings", "2" + ".A" * 100_000, Limits(max_bytes=1 << 20)),
+        ("dots and no version", "." * 40, Limits()),
+        ("a v1-looking text with 33 dots", "lAGF" + ".x" * 33, Limits()),
+    ):
         yield Attack(
             "bounds",
-            f"array header announcing {announced.hex()}",
-            text(encode_bytes(announced + b"\x01" + b"\xc0" * 8)),
+            f"ring count over the limit: {name}",
+            text(dotted, limits=limits),
             R.DEPTH_EXCEEDED,
             cheap=True,
-            forbidden=NOT_UNPACKED,
+            forbidden=NOT_DECODED,
+            note="the ring count is checked before the version",
         )
     long = _long_chain(6)
     yield Attack(
@@ -662,18 +868,29 @@ def _bounds_attacks() -> Iterator[Attack]:
         text(long.encode(), limits=Limits(max_rings=5)),
         R.DEPTH_EXCEEDED,
         cheap=True,
-        forbidden=NOT_UNPACKED,
+        forbidden=NOT_DECODED,
+    )
+    huge_ring = encode_segments([b"\x00" * (MAX_RING_BYTES + 100), R1, R2])
+    yield Attack(
+        "bounds",
+        f"a ring over {MAX_RING_BYTES} bytes",
+        text(huge_ring, limits=Limits(max_bytes=1 << 20)),
+        R.MALFORMED,
+        0,
+        cheap=True,
+        forbidden=NOT_DECODED,
+        note="refused by its text's length before base64url",
     )
     wide = _wide_scope(3000)
-    assert len(wide) < Limits().max_bytes  # within the byte budget: the list limit must catch it
+    assert len(wide) < Limits().max_bytes  # within the byte budget: the entry limit must catch it
     yield Attack(
         "bounds",
         "a scope of 3000 entries",
         text(wide),
         R.MALFORMED,
+        2,
         cheap=True,
-        forbidden=("trusthop.chain._scope",),
-        note="msgpack refuses the array by its announced length (65 at most) before building it",
+        note="the ring's byte bound bounds what msgpack builds; the count is read first",
     )
     yield Attack(
         "bounds",
@@ -697,6 +914,7 @@ def _bounds_attacks() -> Iterator[Attack]:
             f"a length prefix of 4 GiB ({prefix[:1].hex()}) inside a ring",
             text(raw_ring(0, {K_ACR: prefix + b"\x00" * 16})),
             R.MALFORMED,
+            0,
             cheap=True,
         )
     headers, value = encode_kafka(e2_wire("A" * 20_000))
@@ -747,14 +965,30 @@ SPIFFE_TRICKS = {
     "space": "spiffe://prod.example.com/ns/shop/sa/orders x",
     "backslash": "spiffe://prod.example.com\\ns\\shop",
 }
+OUR_DOMAIN = f"spiffe://{DOMAIN}"
+
+
+def _as_path(trick: str) -> str:
+    """What a hop's actor field would carry: the path, or the whole trick
+    when the trick is in the trust domain part."""
+    return trick[len(OUR_DOMAIN) :] if trick.startswith(OUR_DOMAIN + "/") else trick
 
 
 def _spiffe_attacks() -> Iterator[Attack]:
     for name, trick in SPIFFE_TRICKS.items():
+        path = _as_path(trick)
         yield Attack(
             "spiffe",
-            f"ring actor: {name}",
-            text(with_ring(2, lambda m, t=trick: m.__setitem__(K_ACTOR, t))),
+            f"origin actor: {name}",
+            text(with_ring(0, lambda m, t=trick: m.__setitem__(K_ACTOR, t))),
+            R.MALFORMED,
+            0,
+            cheap=True,
+        )
+        yield Attack(
+            "spiffe",
+            f"hop actor: {name}",
+            text(with_ring(2, lambda m, t=path: m.__setitem__(K_ACTOR, t))),
             R.MALFORMED,
             2,
             cheap=True,
@@ -767,23 +1001,62 @@ def _spiffe_attacks() -> Iterator[Attack]:
             ),
             BundleError,
         )
+    # v2: a hop's actor is a path in the origin's trust domain; an actor
+    # outside it cannot be written. Each way of trying is malformed.
+    for name, actor in (
+        ("a full SPIFFE ID of the chain's domain", ORDERS_ID),
+        ("a full SPIFFE ID of another domain", FOREIGN_ID),
+        ("a path that starts a new authority", "//partner.example.org/ns/shop/sa/orders"),
+        ("a path without its leading slash", "ns/shop/sa/orders"),
+        ("the root path", "/"),
+        ("an empty path", ""),
+        ("a path with a trust domain in front", "partner.example.org/ns/shop/sa/orders"),
+    ):
+        yield Attack(
+            "spiffe",
+            f"hop actor outside the trust domain: {name}",
+            text(with_ring(2, lambda m, a=actor: m.__setitem__(K_ACTOR, a))),
+            R.MALFORMED,
+            2,
+            cheap=True,
+            note="v1's foreign hop actor is unrepresentable in v2 (paths only)",
+        )
+    yield Attack(
+        "spiffe",
+        "the signer refuses a hop outside the chain's trust domain",
+        lambda: append_hop(
+            FOREIGN, PREFIX, event_digest=STORY.digest, destination=DEST2, now=T0 + 20
+        ),
+        R.UNAUTHORIZED_ACTOR,
+    )
+    yield Attack(
+        "spiffe",
+        "the encoder cannot write a hop outside the chain's trust domain",
+        lambda: Chain(A0, (dataclasses.replace(A1, actor=FOREIGN_ID),)),
+        ValueError,
+    )
     for name, domain in {
         "upper case": "PROD.example.com",
-        "a path": "prod.example.com/ns/shop",
         "a port": "prod.example.com:443",
         "the scheme": "spiffe://prod.example.com",
         "look-alike Unicode": "pr\u043ed.example.com",
         "a bidirectional override": "moc.elpmaxe.dorp\u202e",
+        "userinfo": "edge@prod.example.com",
     }.items():
         yield Attack(
             "spiffe",
             f"origin trust domain with {name}",
-            text(with_ring(0, lambda m, d=domain: m.__setitem__(K_TRUST_DOMAIN, d))),
+            text(
+                with_ring(
+                    0,
+                    lambda m, d=domain: m.__setitem__(K_ACTOR, f"spiffe://{d}/ns/edge/sa/gateway"),
+                )
+            ),
             R.MALFORMED,
             0,
             cheap=True,
-            note="fixed with this catalogue: was unauthorized_actor after key look-ups, "
-            "with the attacker's text in the rejection message",
+            note="v2 has no trust-domain field: the chain's is the origin actor's, "
+            "refused by the SPIFFE ID rules before any key lookup",
         )
     yield Attack(
         "spiffe",
@@ -1228,75 +1501,142 @@ def _transport_attacks() -> Iterator[Attack]:
 
 
 # --------------------------------------------------------------------------- #
-# 7. msgpack tricks
+# 7. msgpack tricks (inside a ring's body), and the text around the rings
 # --------------------------------------------------------------------------- #
+
+UUID_TEXT = "0f8c2f4e-1b2a-4c3d-9e8f-0123456789ab"
+
+
+def _x5c_instead(value: Any) -> Callable[[dict[Any, Any]], None]:
+    def change(m: dict[Any, Any]) -> None:
+        m.pop(K_KEY)
+        m[K_X5C] = value
+
+    return change
 
 
 def _msgpack_attacks() -> Iterator[Attack]:
-    maps = raw_maps(STORY.encoded)
-    items = sorted(maps[3].items())
-    dup = [*items[:2], (K_ACTOR, PAYMENTS_ID), *items[2:]]
+    items = sorted(body_of(2).items())
+    at = [k for k, _ in items].index(K_IAT)
+    dup = [*items[: at + 1], (K_ACTOR, "/ns/pay/sa/payments"), *items[at + 1 :]]
     rows: list[tuple[str, str, object]] = [
-        (
-            "duplicate map key in a ring",
-            encode_bytes(_chain_bytes(maps, {2: _map_bytes(dup)})),
-            ANY_RING,
-        ),
+        ("duplicate map key in a ring", with_body(2, _map_bytes(dup)), 2),
         (
             "duplicate map key, same value",
-            encode_bytes(_chain_bytes(maps, {2: _map_bytes([*items[:2], items[1], *items[2:]])})),
-            ANY_RING,
+            with_body(2, _map_bytes([*items[:2], items[1], *items[2:]])),
+            2,
         ),
-        (
-            "unsorted map keys",
-            encode_bytes(_chain_bytes(maps, {2: _map_bytes(sorted(items, reverse=True))})),
-            ANY_RING,
-        ),
-        ("fixext1 for a field value", raw_ring(2, {K_PEER: b"\xd4\x01\x00"}), ANY_RING),
-        ("ext8 for a field value", raw_ring(2, {K_PEER: b"\xc7\x02\x05ab"}), ANY_RING),
+        ("unsorted map keys", with_body(2, _map_bytes(sorted(items, reverse=True))), 2),
+        ("a body that is an array", with_body(2, pack([v for _, v in items])), 2),
+        ("a body that is a string", with_body(2, pack("x" * 40)), 2),
+        ("boolean map keys", with_body(2, _map_bytes([(k == 1 or k, v) for k, v in items])), 2),
+        ("float map keys", with_body(2, _map_bytes([(float(k), v) for k, v in items])), 2),
+        ("fixext1 for a field value", raw_ring(2, {K_PEER: b"\xd4\x01\x00"}), 2),
+        ("ext8 for a field value", raw_ring(2, {K_PEER: b"\xc7\x02\x05ab"}), 2),
         (
             "timestamp extension (-1) for iat",
             raw_ring(2, {K_IAT: b"\xd6\xff" + b"\x00" * 4}),
-            ANY_RING,
+            2,
         ),
         ("iat as uint64 max", raw_ring(2, {K_IAT: b"\xcf" + b"\xff" * 8}), 2),
-        ("exp as int64 min", raw_ring(2, {K_EXP: b"\xd3\x80" + b"\x00" * 7}), 2),
-        ("iat as 2**40", with_ring(2, lambda m: m.__setitem__(K_IAT, 2**40)), 2),
-        ("negative iat", with_ring(2, lambda m: m.__setitem__(K_IAT, -1)), 2),
+        ("ttl as int64 min", raw_ring(2, {K_TTL: b"\xd3\x80" + b"\x00" * 7}), 2),
+        ("origin iat as 2**40", with_ring(0, lambda m: m.__setitem__(K_IAT, 2**40)), 0),
+        ("hop iat delta as 2**40", with_ring(2, lambda m: m.__setitem__(K_IAT, 2**40)), 2),
+        ("origin ttl as 2**40", with_ring(0, lambda m: m.__setitem__(K_TTL, 2**40)), 0),
+        ("negative origin iat", with_ring(0, lambda m: m.__setitem__(K_IAT, -1)), 0),
         (
             "iat in a non-minimal uint64",
-            raw_ring(2, {K_IAT: b"\xcf" + (T0 + 20).to_bytes(8, "big")}),
-            ANY_RING,
+            raw_ring(2, {K_IAT: b"\xcf" + body_of(2)[K_IAT].to_bytes(8, "big")}),
+            2,
+        ),
+        ("float for iat", raw_ring(2, {K_IAT: b"\xcb" + struct.pack(">d", 10.0)}), 2),
+        ("float for the key tag", raw_ring(2, {K_KEY: b"\xcb" + struct.pack(">d", 1.0)}), 2),
+        ("boolean for the key tag", with_ring(2, lambda m: m.__setitem__(K_KEY, True)), 2),
+        ("key tag 65536", with_ring(2, lambda m: m.__setitem__(K_KEY, 0x10000)), 2),
+        ("key tag -1", with_ring(2, lambda m: m.__setitem__(K_KEY, -1)), 2),
+        ("link tag 65536", with_ring(2, lambda m: m.__setitem__(K_LINK, 0x10000)), 2),
+        ("nil for the destination", raw_ring(2, {K_DEST: b"\xc0"}), 2),
+        (
+            "str where bin is due (event)",
+            with_ring(2, lambda m: m.__setitem__(K_EVENT, "x" * 32)),
+            2,
         ),
         (
-            "version as uint64",
-            encode_bytes(RAW[:1] + b"\xcf" + (1).to_bytes(8, "big") + RAW[2:]),
-            ANY_RING,
+            "bin of 31 bytes for the event",
+            with_ring(2, lambda m: m.__setitem__(K_EVENT, b"x" * 31)),
+            2,
         ),
-        ("float for iat", raw_ring(2, {K_IAT: b"\xcb" + struct.pack(">d", T0 + 20)}), ANY_RING),
-        ("nil for the destination", raw_ring(2, {K_DEST: b"\xc0"}), 2),
-        ("str where bin is due (prev)", with_ring(2, lambda m: m.__setitem__(K_PREV, "x" * 32)), 2),
+        (
+            "str where bin is due (cred)",
+            with_ring(0, lambda m: m.__setitem__(K_CRED_HASH, "x" * 32)),
+            0,
+        ),
         (
             "bin where str is due (actor)",
             with_ring(2, lambda m: m.__setitem__(K_ACTOR, m[K_ACTOR].encode())),
             2,
         ),
-        ("nested 5000 arrays deep", encode_bytes(b"\x92\x01" + b"\x91" * 5000 + b"\x90"), ANY_RING),
         (
-            "nested 1000 maps deep",
-            encode_bytes(b"\x92\x01" + b"\x81\x00" * 1000 + b"\x80"),
-            ANY_RING,
+            "a canonical UUID as text for the transaction id",
+            with_ring(0, lambda m: m.__setitem__(K_TXN, UUID_TEXT)),
+            0,
         ),
+        (
+            "a canonical UUID as text for the consumed event id",
+            with_ring(2, lambda m: m.__setitem__(K_CONSUMED, UUID_TEXT)),
+            2,
+        ),
+        (
+            "15 bytes for the transaction id",
+            with_ring(0, lambda m: m.__setitem__(K_TXN, b"u" * 15)),
+            0,
+        ),
+        (
+            "an unsorted scope",
+            with_ring(1, lambda m: m.__setitem__(K_SCOPE, sorted(m[K_SCOPE])[::-1])),
+            1,
+        ),
+        ("a scope entry twice", with_ring(2, lambda m: m.__setitem__(K_SCOPE, ["a", "a"])), 2),
+        ("an empty scope entry", with_ring(2, lambda m: m.__setitem__(K_SCOPE, [""])), 2),
+        (
+            "a scope entry of 257 characters",
+            with_ring(2, lambda m: m.__setitem__(K_SCOPE, ["s" * 257])),
+            2,
+        ),
+        (
+            "a control character in a scope entry",
+            with_ring(2, lambda m: m.__setitem__(K_SCOPE, ["a\nb"])),
+            2,
+        ),
+        (
+            "a line separator in the subject",
+            with_ring(0, lambda m: m.__setitem__(K_SUBJECT, "a\u2028b")),
+            0,
+        ),
+        (
+            "an issuer of 1025 characters",
+            with_ring(0, lambda m: m.__setitem__(K_ISSUER, "i" * 1025)),
+            0,
+        ),
+        ("17 amr entries", with_ring(0, lambda m: m.__setitem__(K_AMR, ["m"] * 17)), 0),
+        ("x5c of five certificates", with_ring(2, _x5c_instead([b"\x30\x00"] * 5)), 2),
+        ("x5c empty", with_ring(2, _x5c_instead([])), 2),
+        ("x5c with a certificate of 4097 bytes", with_ring(2, _x5c_instead([b"\x30" * 4097])), 2),
+        ("x5c as one bin, not a list", with_ring(2, _x5c_instead(b"\x30\x00")), 2),
+        ("nested 5000 arrays deep", with_body(2, b"\x91" * 5000 + b"\x90"), 2),
+        ("nested 1000 maps deep", with_body(2, b"\x81\x00" * 1000 + b"\x80"), 2),
         (
             "nesting inside a field value",
             with_ring(0, lambda m: m.__setitem__(K_ACR, [[[["x"]]]])),
             0,
         ),
-        ("one trailing byte", encode_bytes(RAW + b"\x00"), ANY_RING),
-        ("a trailing second value", encode_bytes(RAW + pack([1])), ANY_RING),
+        ("one trailing byte after a body", with_body(2, R2[SIGNATURE_BYTES:] + b"\x00"), 2),
+        ("a trailing second value", with_body(2, R2[SIGNATURE_BYTES:] + pack([1])), 2),
+        ("a ring that is only a signature", encode_segments([R0, R1, R2[:SIGNATURE_BYTES]]), 2),
+        ("padding on a ring's base64url", STORY.encoded + "=" * (-len(STORY.encoded) % 4 or 4), 2),
         (
-            "padding on the base64url text",
-            STORY.encoded + "=" * (-len(STORY.encoded) % 4 or 4),
+            "padding on the origin's base64url",
+            STORY.encoded.replace(".", "==.", 2).replace("==.", ".", 1),
             ANY_RING,
         ),
         (
@@ -1304,13 +1644,33 @@ def _msgpack_attacks() -> Iterator[Attack]:
             STORY.encoded.replace("-", "+").replace("_", "/") + "+",
             ANY_RING,
         ),
+        ("whitespace after a dot", STORY.encoded.replace(".", ". ", 2), ANY_RING),
+        ("a line break before a dot", STORY.encoded.replace(".", "\n.", 2), ANY_RING),
     ]
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-    encoded = STORY.encoded
-    assert len(encoded) % 4 in (2, 3)  # the last character carries unused bits
-    last = alphabet[alphabet.index(encoded[-1]) | 1]
-    assert last != encoded[-1]
-    rows.append(("non-zero trailing bits in the base64url text", encoded[:-1] + last, ANY_RING))
+    segments = STORY.encoded.split(".")[1:]
+    for index, segment in enumerate(segments):
+        if len(segment) % 4 not in (2, 3):  # the last character carries unused bits
+            continue
+        last = alphabet[alphabet.index(segment[-1]) | 1]
+        assert last != segment[-1]
+        bad = [*segments[:index], segment[:-1] + last, *segments[index + 1 :]]
+        rows.append(
+            (f"non-zero trailing bits in ring {index}'s base64url", ".".join(["2", *bad]), index)
+        )
+    assert any(name.startswith("non-zero trailing bits") for name, _, _ in rows)
+    # The version: "2." exactly, checked before any ring is decoded.
+    v1 = b64url_encode(pack([1, {0: bytes(64), 1: EDGE_ID}]))
+    for name, version_text in (
+        ("version 1", "1" + STORY.encoded[1:]),
+        ("version 3", "3" + STORY.encoded[1:]),
+        ("version 02", "0" + STORY.encoded),
+        ("version 2 with a sign", "+" + STORY.encoded),
+        ("a full-width version digit", "\uff12" + STORY.encoded[1:]),
+        ("no version", STORY.encoded[2:]),
+        ("a wire-version-1 chain (one base64url msgpack array)", v1),
+    ):
+        rows.append((name, version_text, ANY_RING))
     for name, text_value, ring in rows:
         yield Attack("msgpack", name, text(text_value), R.MALFORMED, ring, cheap=True)
 
@@ -1339,8 +1699,8 @@ def _admit_twice(first: DeliveryInfo, second: DeliveryInfo, destination: str = D
     return asyncio.run(run())
 
 
-def _forged_window(**changes: int) -> list[Any]:
-    return [A0, A1, sign_ring(dataclasses.replace(A2, **changes), ORDERS)]
+def _forged_window(**changes: int) -> list[bytes]:
+    return [R0, R1, after(PREFIX, dataclasses.replace(A2, **changes), ORDERS)]
 
 
 def _replay_attacks() -> Iterator[Attack]:
@@ -1433,32 +1793,82 @@ def _replay_attacks() -> Iterator[Attack]:
     yield Attack(
         "replay",
         "a ring whose window ends after its parent's",
-        chain_of(_forged_window(exp=A1.exp + 1)),
+        rings_of(_forged_window(exp=A1.exp + 1)),
         R.WINDOW_ESCALATION,
         2,
+    )
+    # v2 writes a hop's iat as seconds after its parent's and every ttl
+    # unsigned: a window that starts before its parent's, or ends before it
+    # starts, cannot be written. Even really signed, such a body is malformed.
+    yield Attack(
+        "replay",
+        "a ring whose window starts before its parent's (a negative iat delta, signed)",
+        text(signed_after(2, lambda m: m.__setitem__(K_IAT, -1), ORDERS)),
+        R.MALFORMED,
+        2,
+        cheap=True,
+        note="v1: window_escalation; unrepresentable in v2",
     )
     yield Attack(
         "replay",
-        "a ring whose window starts before its parent's",
-        chain_of(_forged_window(iat=A1.iat - 1)),
-        R.WINDOW_ESCALATION,
-        2,
+        "the encoder cannot write a ring that starts before its parent",
+        lambda: PREFIX.appended(dataclasses.replace(A2, iat=A1.iat - 1)),
+        ValueError,
     )
     yield Attack(
         "replay",
-        "a ring whose window ends before it starts",
-        chain_of(_forged_window(iat=A2.iat + 10, exp=A2.iat + 5)),
+        "a ring whose window ends before it starts (a negative ttl, signed)",
+        text(signed_after(2, lambda m: m.__setitem__(K_TTL, -5), ORDERS)),
+        R.MALFORMED,
+        2,
+        cheap=True,
+        note="v1: window_escalation; unrepresentable in v2",
+    )
+    yield Attack(
+        "replay",
+        "an origin whose window ends before it starts (a negative ttl, signed)",
+        text(signed_after(0, lambda m: m.__setitem__(K_TTL, -1), EDGE)),
+        R.MALFORMED,
+        0,
+        cheap=True,
+    )
+    yield Attack(
+        "replay",
+        "the encoder cannot write an origin that ends before it starts",
+        lambda: Chain(dataclasses.replace(A0, exp=A0.iat - 1)),
+        ValueError,
+    )
+    yield Attack(
+        "replay",
+        "a ring that starts after its parent expired (end inherited, signed)",
+        text(
+            signed_after(
+                2, lambda m: (m.pop(K_TTL), m.__setitem__(K_IAT, A1.exp - A1.iat + 1)), ORDERS
+            )
+        ),
         R.WINDOW_ESCALATION,
         2,
+        note="still expressible in v2: a signed content error found with the links",
     )
+    outliving = sign_ring(dataclasses.replace(A1, exp=A0.exp + 3600), EDGE, Chain(A0))
+    r1_outliving = Chain(A0, (outliving,)).ring_bytes[1]  # type: ignore[arg-type]
     yield Attack(
         "replay",
         "a hop re-signed by its own key to outlive the origin",
-        chain_of([A0, sign_ring(dataclasses.replace(A1, exp=A0.exp + 3600), EDGE), A2]),
+        rings_of([R0, r1_outliving, after(Chain(A0, (outliving,)), A2, ORDERS)]),  # type: ignore[arg-type]
         R.WINDOW_ESCALATION,
         1,
-        note="needs the edge's key; links are checked oldest first, so ring 1's "
-        "window is found before ring 2's now broken link",
+        note="needs the edge's and the next key; with every signature good, the first "
+        "content rule broken, oldest first, is ring 1's window",
+    )
+    yield Attack(
+        "replay",
+        "a hop re-signed by its own key to outlive the origin, ring 2 kept",
+        rings_of([R0, r1_outliving, R2]),
+        R.BROKEN_LINK,
+        2,
+        note="v2 checks every signature before any content rule: ring 2 was signed after "
+        "the old ring 1",
     )
 
 
@@ -1507,17 +1917,28 @@ def _spy(monkeypatch: pytest.MonkeyPatch, dotted: str, calls: Calls) -> None:
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
     counted = Calls()
-    get, check = TrustBundle.get, PublicKey.verify
+    get, key_for, entry_of = TrustBundle.get, TrustBundle.key_for, TrustBundle.entry_of
+    check = PublicKey.verify
 
     def counting_get(self: TrustBundle, kid: str) -> BundleKey | None:
         counted.key_lookups += 1
         return get(self, kid)
+
+    def counting_key_for(self: TrustBundle, actor: str, key_tag: int) -> BundleKey | None:
+        counted.key_lookups += 1  # v2: a ring names its key by (actor, key tag)
+        return key_for(self, actor, key_tag)
+
+    def counting_entry_of(self: TrustBundle, key: PublicKey) -> BundleKey | None:
+        counted.key_lookups += 1  # an X.509-SVID leaf's key
+        return entry_of(self, key)
 
     def counting_verify(self: PublicKey, signature: bytes, message: bytes) -> bool:
         counted.signatures += 1
         return check(self, signature, message)
 
     monkeypatch.setattr(TrustBundle, "get", counting_get)
+    monkeypatch.setattr(TrustBundle, "key_for", counting_key_for)
+    monkeypatch.setattr(TrustBundle, "entry_of", counting_entry_of)
     monkeypatch.setattr(PublicKey, "verify", counting_verify)
     return counted
 
@@ -1559,15 +1980,24 @@ def test_every_wire_field_of_every_ring_kind_is_mutated() -> None:
             (HOP_REQUIRED, HOP_OPTIONAL),
         ]
     ):
+        assert f"ring{index}.sig" in mutated  # the 64 bytes before the body
         for key in required | optional:
             assert f"ring{index}.{FIELD_NAMES[key]}" in mutated
-    # The field tables above are the wire format's: a new field must be added here.
+    # The field tables above are the wire format's (v2): a new field must be
+    # added here. A key tag or x5c is required in every ring, one of them.
     from trusthop import chain
 
+    assert set(FIELD_NAMES) == ORIGIN_REQUIRED | ORIGIN_OPTIONAL | HOP_REQUIRED | HOP_OPTIONAL
     assert chain._ORIGIN_REQUIRED == ORIGIN_REQUIRED
     assert chain._ORIGIN_ALLOWED == ORIGIN_REQUIRED | ORIGIN_OPTIONAL
     assert chain._HOP_REQUIRED == HOP_REQUIRED
     assert chain._HOP_ALLOWED == HOP_REQUIRED | HOP_OPTIONAL
+    for shapes, required in (
+        (chain._ORIGIN_SHAPES, ORIGIN_REQUIRED),
+        (chain._HOP_SHAPES, HOP_REQUIRED),
+    ):
+        assert all(required <= set(shape) for shape in shapes)
+        assert all(len(ONE_OF & set(shape)) == 1 for shape in shapes)
 
 
 def test_cheap_rows_really_reach_the_checks_they_skip(calls: Calls) -> None:

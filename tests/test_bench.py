@@ -20,6 +20,7 @@ from trusthop.bench.micro import Micro, Settings
 from trusthop.bench.report import Figure, Report, Target, not_measured, render_table
 from trusthop.bench.runner import FIGURE_ORDER, _redact
 from trusthop.bench.workload import DATA_BYTES, Workload, event_data
+from trusthop.canonical import b64url_encode
 from trusthop.cli import build_parser
 from trusthop.digest import canonical_json
 
@@ -121,9 +122,20 @@ def test_workload_chains_verify(micro: Micro) -> None:
 def test_ring_bytes_are_what_the_wire_carries(micro: Micro) -> None:
     hop, origin = micro.ring_bytes()
     assert hop.name == "ring_bytes_hop" and origin.name == "ring_bytes_origin"
-    assert hop.value is not None and 300 < hop.value < 600
-    assert origin.value is not None and 300 < origin.value < 700
-    assert hop.detail["kid_chars"] == 43  # RFC 7638 thumbprint
+    # v2: each ring is one dot-separated base64url segment of its bytes
+    # (64-byte signature, then the body); a figure is that segment and its dot.
+    sealed = micro.w.chain(5)
+    rings = sealed.chain.ring_bytes
+    wire = [len(b64url_encode(r)) + 1 for r in rings]
+    assert sealed.encoded == "2." + ".".join(b64url_encode(r) for r in rings)
+    assert hop.value == max(wire[2:]) == hop.detail["derived_hop"]
+    assert hop.detail["ring_bytes"] == len(rings[-1])
+    assert origin.value == wire[0] and origin.detail["ring_bytes"] == len(rings[0])
+    # What a derived hop must hold: a signature, an event digest (and more).
+    assert 64 + 32 < hop.detail["ring_bytes"] < len(rings[0])
+    assert hop.detail["with_consumed_event_id"] > hop.value  # the id is opt-in: it costs
+    assert hop.detail["narrowing_scope"] > hop.value  # inherited scope is not repeated
+    assert hop.status == "met"  # the v2 hop fits the 200-character target
 
 
 def test_core_figures_come_out_with_targets(micro: Micro) -> None:

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import pytest
-from chainkit import BUNDLE, EDGE, ORDERS, ORDERS_ID, make_bundle
+from chainkit import (
+    BUNDLE,
+    EDGE,
+    ORDERS,
+    ORDERS_2,
+    ORDERS_ID,
+    PAYMENTS_ID,
+    T0,
+    TAG_TWIN_SEEDS,
+    counter_key,
+    make_bundle,
+    rejected,
+    verify,
+)
 
-from trusthop.bundle import BundleError, BundleKey, TrustBundle
+from trusthop.bundle import BundleError, BundleKey, TrustBundle, merge
 from trusthop.canonical import b64url_encode
+from trusthop.errors import Reason
 
 
 def entry(identity: Any = EDGE, **overrides: Any) -> dict[str, Any]:
@@ -170,3 +185,83 @@ def test_a_key_published_for_another_use_is_ignored() -> None:
     }
     assert TrustBundle.from_jwks({"keys": [jwk]}).get("k1") is None
     assert TrustBundle.from_jwks({"keys": [jwk | {"use": "sig"}]}).get("k1") is not None
+
+
+# -- key tags: rings name a key by (actor, key tag) --------------------------------
+
+TWIN_A, TWIN_B = (counter_key(n) for n in TAG_TWIN_SEEDS)
+
+
+def test_key_for_finds_an_actors_key_by_its_tag() -> None:
+    for identity in (EDGE, ORDERS, ORDERS_2):
+        entry = BUNDLE.key_for(identity.actor, identity.key_tag)  # type: ignore[arg-type]
+        assert entry == identity.bundle_key
+    assert BUNDLE.key_for(ORDERS_ID, EDGE.key_tag) is None  # type: ignore[arg-type]
+    assert BUNDLE.key_for(EDGE.actor, (EDGE.key_tag + 1) & 0xFFFF) is None  # type: ignore[operator]
+    assert BUNDLE.entry_of(ORDERS.key.public_key) == ORDERS.bundle_key
+    assert BUNDLE.entry_of(TWIN_A.public_key) is None
+
+
+def test_two_keys_of_one_actor_sharing_a_tag_are_refused() -> None:
+    assert TWIN_A.public_key.key_tag == TWIN_B.public_key.key_tag
+    a = BundleKey("twin-a", ORDERS_ID, TWIN_A.public_key)
+    b = BundleKey("twin-b", ORDERS_ID, TWIN_B.public_key)
+    with pytest.raises(BundleError, match="share the key tag") as info:
+        TrustBundle.of([a, b])
+    assert "'twin-a'" in str(info.value) and "'twin-b'" in str(info.value)
+    with pytest.raises(BundleError, match="share the key tag"):
+        TrustBundle.of([a]).with_key(b)
+    with pytest.raises(BundleError, match="share the key tag"):
+        merge([TrustBundle.of([a]), TrustBundle.of([b])])
+    with pytest.raises(BundleError, match="share the key tag"):
+        TrustBundle({"twin-a": a, "twin-b": b})  # even built directly
+    with pytest.raises(BundleError, match="share the key tag"):
+        TrustBundle.from_jwks(document(entry(EDGE), entry(_Signer(TWIN_A, "twin-a")),
+                                       entry(_Signer(TWIN_B, "twin-b"))))
+    # A revoked or retired key still occupies its tag: it could sign old rings.
+    with pytest.raises(BundleError, match="share the key tag"):
+        TrustBundle.of([dataclasses.replace(a, revoked=True), b])
+
+
+def test_keys_sharing_a_tag_may_belong_to_two_actors() -> None:
+    bundle = BUNDLE.with_key(BundleKey("twin-a", PAYMENTS_ID, TWIN_A.public_key)).with_key(
+        BundleKey("twin-b", ORDERS_ID, TWIN_B.public_key))
+    tag = TWIN_A.public_key.key_tag
+    assert bundle.key_for(PAYMENTS_ID, tag).key == TWIN_A.public_key  # type: ignore[union-attr]
+    assert bundle.key_for(ORDERS_ID, tag).key == TWIN_B.public_key  # type: ignore[union-attr]
+
+
+def test_one_key_under_two_ids_of_one_actor_counts_as_its_stricter_entry() -> None:
+    key = ORDERS.key.public_key
+    plain = BundleKey("orders-old", ORDERS_ID, key)
+    for other, revoked, retired in (
+        (BundleKey("orders-new", ORDERS_ID, key, revoked=True), True, None),
+        (BundleKey("orders-new", ORDERS_ID, key, retired_at=T0), False, T0),
+        (BundleKey("orders-new", ORDERS_ID, key, retired_at=T0, revoked=True), True, T0),
+    ):
+        for order in ([plain, other], [other, plain]):
+            bundle = TrustBundle.of(order)
+            found = bundle.key_for(ORDERS_ID, key.key_tag)
+            assert found is not None and found.key == key
+            assert (found.revoked, found.retired_at) == (revoked, retired)
+            assert bundle.entry_of(key) == found
+    early = BundleKey("a", ORDERS_ID, key, retired_at=T0 + 5)
+    late = BundleKey("b", ORDERS_ID, key, retired_at=T0 + 50)
+    for order in ([early, late], [late, early]):
+        assert TrustBundle.of(order).key_for(ORDERS_ID, key.key_tag).retired_at == T0 + 5  # type: ignore[union-attr]
+
+
+def test_the_stricter_entry_decides_verification(story: Any) -> None:
+    revoked_alias = BUNDLE.with_key(BundleKey("orders-alias", ORDERS_ID, ORDERS.key.public_key,
+                                              revoked=True))
+    rejected(lambda: verify(story.encoded, bundle=revoked_alias), Reason.REVOKED, 2)
+    retired_alias = BUNDLE.with_key(BundleKey("orders-alias", ORDERS_ID, ORDERS.key.public_key,
+                                              retired_at=T0 + 19))
+    rejected(lambda: verify(story.encoded, bundle=retired_alias), Reason.REVOKED, 2)
+
+
+class _Signer:
+    """What ``entry`` needs of an identity: a key, a kid, an actor."""
+
+    def __init__(self, key: Any, kid: str, actor: str = ORDERS_ID) -> None:
+        self.key, self.kid, self.actor = key, kid, actor

@@ -18,12 +18,15 @@ from chainkit import (
     NOW,
     ORDERS,
     ORDERS_ID,
+    TAG_TWIN_SEEDS,
     Story,
     build_story,
+    counter_key,
     make_bundle,
     rejected,
     verify,
 )
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from trusthop.bundle import BundleError, BundleKey, BundleSource, TrustBundle, merge
 from trusthop.errors import Reason
@@ -119,7 +122,8 @@ def test_a_bundle_cannot_bind_keys_of_another_trust_domain() -> None:
 def test_a_bundle_map_of_two_trust_domains() -> None:
     ca1, _ = make_ca(TD)
     ca2, _ = make_ca(PARTNER)
-    partner_key = SigningKey.generate(ES256).public_key
+    partner_key = SigningKey(ec.derive_private_key(0x5EED, ec.SECP256R1())).public_key
+    assert partner_key.alg == ES256
     doc = {
         f"spiffe://{TD}": {"keys": [ring_key(EDGE), authority_jwk(ca1)], "spiffe_sequence": 3},
         PARTNER: {"keys": [authority_jwk(ca2), partner_key.to_jwk() | {
@@ -256,3 +260,38 @@ def test_a_bad_first_load_raises(tmp_path: Path) -> None:
     path.write_text('{"keys": []}')
     with pytest.raises(BundleError, match="no key"):
         BundleSource(path)
+
+
+# -- key tags across bundle documents ---------------------------------------------
+
+
+def _twin_jwk(n: int, kid: str, actor: str = ORDERS_ID) -> dict[str, Any]:
+    return counter_key(n).public_key.to_jwk() | {"kid": kid, "use": "sig", "spiffe_id": actor}
+
+
+def test_a_bundle_map_refuses_two_keys_of_one_actor_sharing_a_tag() -> None:
+    a, b = TAG_TWIN_SEEDS
+    with pytest.raises(BundleError, match="share the key tag"):
+        TrustBundle.from_document({TD: {"keys": [_twin_jwk(a, "a"), _twin_jwk(b, "b")]}})
+    # One tag, two actors of two trust domains: two distinct keys, both usable.
+    partner = f"spiffe://{PARTNER}/ns/shop/sa/orders"
+    bundle = TrustBundle.from_document({TD: {"keys": [_twin_jwk(a, "a")]},
+                                        PARTNER: {"keys": [_twin_jwk(b, "b", partner)]}})
+    tag = counter_key(a).public_key.key_tag
+    assert bundle.key_for(ORDERS_ID, tag).kid == "a"  # type: ignore[union-attr]
+    assert bundle.key_for(partner, tag).kid == "b"  # type: ignore[union-attr]
+
+
+def test_a_reload_introducing_a_key_tag_collision_keeps_the_last_good_bundle(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = TAG_TWIN_SEEDS
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps({"keys": [_twin_jwk(a, "a")]}))
+    source = BundleSource(path)
+    good = source.bundle
+    path.write_text(json.dumps({"keys": [_twin_jwk(a, "a"), _twin_jwk(b, "b")]}))
+    with caplog.at_level(logging.ERROR, logger="trusthop.bundle"):
+        assert source.reload() is False
+    assert source.bundle is good
+    assert "share the key tag" in str(source.last_error)

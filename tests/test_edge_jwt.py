@@ -793,6 +793,50 @@ def test_scope_malformed(change: dict[str, Any]) -> None:
     rejected(make_token(claims(**change)))
 
 
+# The edge puts these claims in an origin ring: the verifier's limits must be
+# the wire format's (version 2), or the edge would mint rings that every
+# consumer refuses as malformed (or refuse tokens a ring can carry). The
+# issuer is not here: it must equal the operator's configured value.
+CLAIM_LIMITS = [
+    ("sub", "s" * 1024, True),
+    ("sub", "s" * 1025, False),
+    ("acr", "a" * 1024, True),
+    ("acr", "a" * 1025, False),
+    ("amr", ["m" * 64] * 16, True),
+    ("amr", ["m" * 65], False),
+    ("amr", ["m"] * 17, False),
+    ("scope", "x" * 256, True),
+    ("scope", "x" * 257, False),
+]
+
+
+@pytest.mark.parametrize(("claim", "value", "fits"), CLAIM_LIMITS)
+def test_claim_limits_are_the_origin_ring_limits(claim: str, value: Any, fits: bool) -> None:
+    from chainkit import build_story, ring_parts
+
+    from trusthop.canonical import pack
+    from trusthop.chain import K_ACR, K_AMR, K_SCOPE, K_SUBJECT, decode_origin
+    from trusthop.errors import TrustError
+
+    payload = claims(**{claim: value})
+    try:
+        verify(make_token(payload))
+        accepted = True
+    except TrustError:
+        accepted = False
+    assert accepted is fits
+    ring_key = {"sub": K_SUBJECT, "acr": K_ACR, "amr": K_AMR, "scope": K_SCOPE}
+    signature, body = ring_parts(build_story().encoded)[0]
+    body[ring_key[claim]] = [value] if claim == "scope" else value
+    try:
+        decode_origin(signature + pack(body))
+        decoded = True
+    except TrustError as error:
+        assert error.reason is R.MALFORMED
+        decoded = False
+    assert decoded is fits
+
+
 # -- the key set ---------------------------------------------------------------------
 
 

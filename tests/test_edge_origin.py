@@ -42,7 +42,14 @@ from test_edge_kit import (
 from trusthop.bindings import decode_amqp, decode_kafka, encode_amqp, encode_kafka
 from trusthop.bundle import TrustBundle
 from trusthop.canonical import b64url_decode
-from trusthop.chain import Chain, OriginRing, decode_chain
+from trusthop.chain import (
+    K_TXN,
+    MAX_SCOPE_ENTRIES,
+    MAX_TEXT,
+    Chain,
+    OriginRing,
+    decode_origin,
+)
 from trusthop.edge import (
     JwksClient,
     origin_from_token,
@@ -518,16 +525,55 @@ async def test_origin_from_token(jwks: JwksClient, alg: str, maker: str) -> None
     assert ring.scope == frozenset({"orders:read", "orders:write"})
     assert ring.iat == int(NOW)
     assert ring.exp == int(NOW) + 600  # capped by the token's exp
-    assert ring.trust_domain == "prod.example.com"
-    assert EDGE.key.public_key.verify(ring.signature, ring.signing_input())
+    assert ring.trust_domain == "prod.example.com"  # the actor's: v2 has no field for it
+    assert ring.key_tag == EDGE.key_tag and ring.x5c is None
+    assert EDGE.key.public_key.verify(ring.signature, Chain(ring).signing_input(0))
 
 
 async def test_missing_acr_and_amr_are_fine(jwks: JwksClient) -> None:
     ring = await mint(make_token(), jwks)
     assert ring.acr is None
     assert ring.amr is None
-    decoded = decode_chain(Chain(ring).encode(), max_bytes=16384, max_rings=4).origin
-    assert decoded == ring
+    # v2 refuses a chain of an origin alone: the ring itself round-trips.
+    assert decode_origin(Chain(ring).ring_bytes[0]) == ring
+
+
+@pytest.mark.parametrize(
+    "txn",
+    [
+        None,  # a fresh UUID4: travels as 16 bytes
+        "0f8c2f4e-1b2a-4c3d-9e8f-0123456789ab",  # canonical UUID: 16 bytes
+        "0F8C2F4E-1B2A-4C3D-9E8F-0123456789AB",  # not canonical: text, kept as given
+        "txn-42",
+    ],
+)
+async def test_transaction_ids_round_trip_in_their_wire_form(
+    jwks: JwksClient, txn: str | None
+) -> None:
+    ring = await mint(make_token(), jwks, transaction_id=txn)
+    raw = Chain(ring).ring_bytes[0]
+    body = msgpack.unpackb(raw[64:], strict_map_key=False)
+    as_bytes = txn is None or (txn == txn.lower() and txn.count("-") == 4)
+    assert isinstance(body[K_TXN], bytes) is as_bytes
+    if as_bytes:
+        assert str(uuid.UUID(bytes=body[K_TXN])) == ring.transaction_id
+    assert decode_origin(raw).transaction_id == ring.transaction_id == (txn or ring.transaction_id)
+
+
+async def test_claims_at_the_token_limits_fit_a_ring(jwks: JwksClient) -> None:
+    """What the token verifier accepts at its limits, the v2 decoder accepts:
+    the edge never mints an origin that every consumer would refuse."""
+    at_limits = claims(
+        sub="s" * MAX_TEXT,
+        acr="a" * MAX_TEXT,
+        amr=[f"m{i:02d}" + "x" * 61 for i in range(16)],
+        scope=" ".join(f"{i:02d}" + "y" * 58 for i in range(MAX_SCOPE_ENTRIES)),
+    )
+    long_entries = claims(scope=" ".join(f"{i:02d}" + "z" * 254 for i in range(8)))
+    for payload in (at_limits, long_entries):
+        ring = await mint(make_token(payload), jwks)
+        assert decode_origin(Chain(ring).ring_bytes[0]) == ring
+    assert len(ring.scope) == 8 and all(len(s) == 256 for s in ring.scope)
 
 
 async def test_transaction_id_generated_when_absent(jwks: JwksClient) -> None:
@@ -755,12 +801,15 @@ def haystacks(messages: list[tuple[Any, bytes | None]]) -> list[bytes]:
     for blob in raw:
         decoded = _decodings(blob)
         out.extend(decoded)
-        for chain in re.findall(rb"[A-Za-z0-9_-]{40,}", blob):
+        # A v2 chain is "2." then each ring in base64url, dot-separated; a
+        # ring is a 64-byte signature then a msgpack body.
+        for segment in re.findall(rb"[A-Za-z0-9_-]{40,}", blob):
             try:
-                value = msgpack.unpackb(b64url_decode(chain.decode()), strict_map_key=False)
+                ring = b64url_decode(segment.decode())
+                value = msgpack.unpackb(ring[64:], strict_map_key=False)
             except Exception:
                 continue
-            out.extend(_leaves(value))
+            out.extend([ring, ring[:64], *_leaves(value)])
     return out
 
 

@@ -352,7 +352,12 @@ def test_producer_refuses_what_every_consumer_would_reject() -> None:
         VERIFIER, topic="payments", headers=derived.headers, value=derived.value
     ).context
     assert context.scope == S2
-    assert context.chain.hops[-1].consumed_event_id == "evt-1"
+    # v2: the derived ring names no event id by default; it is bound to the
+    # consumed event through the parent ring's digest and hash.
+    assert context.chain.hops[-1].consumed_event_id is None
+    assert context.chain.hops[-2].event_digest == parent.chain.newest.event_digest
+    assert context.chain.hashes()[:-1] == parent.chain.hashes()
+    assert context.chain.hops[-1].actor == ORDERS.actor
 
 
 def test_a_key_outside_the_bundle_is_not_refused_by_the_producer_but_by_consumers() -> None:

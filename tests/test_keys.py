@@ -157,3 +157,33 @@ def test_rfc8037_a4_signature_through_our_signing_code() -> None:
     assert key.public_key.thumbprint == RFC8037_THUMBPRINT
     assert b64url_encode(key.sign(signing_input)) == expected
     assert key.public_key.verify(b64url_decode(expected), signing_input)
+
+
+# -- key tags: what a ring names its key by ------------------------------------
+
+
+def test_key_tag_is_the_first_two_bytes_of_the_rfc7638_thumbprint() -> None:
+    from trusthop.canonical import b64url_decode
+
+    key = PublicKey.from_jwk({"kty": "OKP", "crv": "Ed25519", "x": RFC8037_X})
+    assert key.key_tag == int.from_bytes(b64url_decode(RFC8037_THUMBPRINT)[:2], "big") == 0x90FA
+    for seed in range(1, 6):
+        public = seeded_key(seed).public_key
+        assert public.key_tag == int.from_bytes(b64url_decode(public.thumbprint)[:2], "big")
+        assert 0 <= public.key_tag <= 0xFFFF
+
+
+def test_key_tag_is_not_part_of_key_equality_and_follows_the_key() -> None:
+    a = PublicKey(RFC8032_PUBLIC)
+    b = PublicKey.from_jwk(a.to_jwk() | {"alg": "EdDSA", "kid": "whatever", "use": "sig"})
+    assert a == b and a.key_tag == b.key_tag  # kid, use and alg are no part of the thumbprint
+
+
+def test_two_keys_may_share_a_key_tag() -> None:
+    """16 bits: collisions exist (these two seeds were found by search), so a
+    tag never identifies a key on its own."""
+    from chainkit import TAG_TWIN_SEEDS, counter_key
+
+    first, second = (counter_key(n).public_key for n in TAG_TWIN_SEEDS)
+    assert first != second and first.key_tag == second.key_tag == 0x3232
+    assert not first.verify(counter_key(TAG_TWIN_SEEDS[1]).sign(b"m"), b"m")

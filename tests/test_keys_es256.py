@@ -6,7 +6,19 @@ import hashlib
 import json
 
 import pytest
-from chainkit import DEST1, EDGE, EDGE_ID, ORDERS_ID, S0, S1, T0, make_event
+from chainkit import (
+    DEST1,
+    EDGE,
+    EDGE_ID,
+    ORDERS_ID,
+    S0,
+    S1,
+    T0,
+    counter_key,
+    encode_segments,
+    make_event,
+    wire_rings,
+)
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -22,9 +34,18 @@ from trusthop.verify import verify_chain
 N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
+P256_SCALAR = 0x7472757374686F70  # a fixed private scalar: the same key on every run
+P256_TAG_TWIN_SEED = 16184
+"""``counter_key(16184)``: an Ed25519 key with the key tag of the P-256 key (found by search)."""
+
+
+def p256(scalar: int = P256_SCALAR) -> SigningKey:
+    return SigningKey(ec.derive_private_key(scalar, ec.SECP256R1()))
+
+
 @pytest.fixture(scope="module")
 def key() -> SigningKey:
-    return SigningKey.generate(ES256)
+    return p256()
 
 
 def test_sign_and_verify_roundtrip(key: SigningKey) -> None:
@@ -33,7 +54,7 @@ def test_sign_and_verify_roundtrip(key: SigningKey) -> None:
     assert len(signature) == 64
     assert key.public_key.verify(signature, b"ring")
     assert not key.public_key.verify(signature, b"rinG")
-    other = SigningKey.generate(ES256)
+    other = p256(P256_SCALAR + 1)
     assert not other.public_key.verify(signature, b"ring")
 
 
@@ -95,7 +116,8 @@ def test_a_point_off_the_curve_is_refused(key: SigningKey) -> None:
 def test_the_key_decides_the_algorithm_not_the_claim(key: SigningKey) -> None:
     """An Ed25519 key's bytes read as ES256 (or the reverse) are not a key,
     and a signature under one never verifies under the other."""
-    ed = SigningKey.generate(ED25519)
+    ed = counter_key(1)
+    assert ed.alg == ED25519
     with pytest.raises(ValueError):
         PublicKey(ed.public_key.raw, ES256)
     with pytest.raises(ValueError):
@@ -111,6 +133,18 @@ def test_pem_roundtrip_and_other_curves(key: SigningKey) -> None:
         SigningKey(ec.generate_private_key(ec.SECP384R1()))
     with pytest.raises(ValueError):
         SigningKey.generate("RS256")
+
+
+def test_key_tags_are_the_thumbprints_first_two_bytes_whatever_the_algorithm(
+    key: SigningKey,
+) -> None:
+    from trusthop.canonical import b64url_decode
+
+    for public in (key.public_key, counter_key(1).public_key):
+        assert public.key_tag == int.from_bytes(b64url_decode(public.thumbprint)[:2], "big")
+    twin = counter_key(P256_TAG_TWIN_SEED).public_key
+    assert twin.key_tag == key.public_key.key_tag and twin.alg == ED25519
+    assert twin != key.public_key
 
 
 def test_a_chain_mixing_ed25519_and_es256_verifies_and_is_bound(key: SigningKey) -> None:
@@ -130,15 +164,64 @@ def test_a_chain_mixing_ed25519_and_es256_verifies_and_is_bound(key: SigningKey)
     context = verify_chain(c2.encode(), bundle=bundle, event_digest=e2.digest(),
                            destination="kafka:next", now=T0 + 1)
     assert context.actors == (EDGE_ID, EDGE_ID, ORDERS_ID)
-    # The same kid bound to an Ed25519 key: the ES256 signature does not verify.
+    assert c2.hops[-1].key_tag == key.public_key.key_tag
+    # The ring's key tag now selects an Ed25519 key (a tag twin): the key is
+    # found, its algorithm is Ed25519, and the ES256 signature does not verify.
+    twin = counter_key(P256_TAG_TWIN_SEED).public_key
     swapped = TrustBundle.of([
         BundleKey(EDGE.kid, EDGE_ID, EDGE.key.public_key),
-        BundleKey(orders.kid, ORDERS_ID, SigningKey.generate(ED25519).public_key),
+        BundleKey(orders.kid, ORDERS_ID, twin),
     ])
+    assert swapped.key_for(ORDERS_ID, c2.hops[-1].key_tag) is not None
     with pytest.raises(TrustError) as caught:
         verify_chain(c2.encode(), bundle=swapped, event_digest=e2.digest(),
                      destination="kafka:next", now=T0 + 1)
-    assert caught.value.reason is Reason.BAD_SIGNATURE
+    assert (caught.value.reason, caught.value.ring) == (Reason.BAD_SIGNATURE, 2)
+    # Any other Ed25519 key has another tag: no key of that actor is named.
+    other = TrustBundle.of([
+        BundleKey(EDGE.kid, EDGE_ID, EDGE.key.public_key),
+        BundleKey(orders.kid, ORDERS_ID, counter_key(1).public_key),
+    ])
+    with pytest.raises(TrustError) as caught:
+        verify_chain(c2.encode(), bundle=other, event_digest=e2.digest(),
+                     destination="kafka:next", now=T0 + 1)
+    assert (caught.value.reason, caught.value.ring) == (Reason.UNKNOWN_KEY, 2)
+
+
+def test_a_second_ecdsa_signature_of_a_ring_breaks_the_next_ring(key: SigningKey) -> None:
+    """ECDSA signatures are randomised: the holder of an ES256 key can sign one
+    body twice. The hash of a ring covers its signature and the next ring signs
+    that hash, so swapping in the second signature breaks the chain after it."""
+    orders = Identity.create(ORDERS_ID, key)
+    bundle = TrustBundle.of([EDGE.bundle_key, orders.bundle_key])
+    origin = mint_origin(EDGE, subject="u", issuer="i", credential="t", scope=S0, now=T0,
+                         ttl=600)
+    c1 = append_hop(orders, Chain(origin), event_digest=bytes(32), destination=DEST1, now=T0)
+    c2 = append_hop(EDGE, c1, event_digest=b"\1" * 32, destination="kafka:next", now=T0)
+    rings = wire_rings(c2.encode())
+    second = key.sign(c1.signing_input(1))
+    assert second != rings[1][:64] and key.public_key.verify(second, c1.signing_input(1))
+    rings[1] = second + rings[1][64:]
+    with pytest.raises(TrustError) as caught:
+        verify_chain(encode_segments(rings), bundle=bundle, event_digest=b"\1" * 32,
+                     destination="kafka:next", now=T0 + 1)
+    # broken_link, unless the new hash happens to share the old one's 16-bit tag.
+    assert caught.value.reason in (Reason.BROKEN_LINK, Reason.BAD_SIGNATURE)
+    assert caught.value.ring == 2
+
+
+def test_an_ed25519_and_a_p256_key_sharing_a_tag_may_serve_two_actors(key: SigningKey) -> None:
+    twin = counter_key(P256_TAG_TWIN_SEED).public_key
+    bundle = TrustBundle.of([BundleKey("a", ORDERS_ID, key.public_key),
+                             BundleKey("b", EDGE_ID, twin)])
+    tag = key.public_key.key_tag
+    assert bundle.key_for(ORDERS_ID, tag).key == key.public_key  # type: ignore[union-attr]
+    assert bundle.key_for(EDGE_ID, tag).key == twin  # type: ignore[union-attr]
+    from trusthop.bundle import BundleError
+
+    with pytest.raises(BundleError, match="share the key tag"):
+        TrustBundle.of([BundleKey("a", ORDERS_ID, key.public_key),
+                        BundleKey("b", ORDERS_ID, twin)])
 
 
 def test_es256_bundle_roundtrip(key: SigningKey) -> None:

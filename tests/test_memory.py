@@ -21,6 +21,7 @@ from trusthop import (
     TrustedEvent,
     mint_origin,
 )
+from trusthop.keys import PublicKey
 from trusthop.memory import (
     H_NOT_BEFORE,
     H_RETRY,
@@ -356,19 +357,32 @@ def test_max_uses_accepts_a_broadcast_that_many_times_per_group() -> None:
     assert _reasons(broker) == ["replayed"] * 3
 
 
-def test_each_group_verifies_a_broadcast_once_with_one_signature_check() -> None:
+def test_each_group_verifies_a_broadcast_once_with_one_signature_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     broker = MemoryBroker()
     asyncio.run(_publish(broker, 1))
     verifier = ChainVerifier(BUNDLE)  # one process: one signature cache
+    checks: list[int] = []
+    original = PublicKey.verify
+
+    def counting(self: PublicKey, signature: bytes, message: bytes) -> bool:
+        checks.append(1)
+        return original(self, signature, message)
+
+    monkeypatch.setattr(PublicKey, "verify", counting)
     seen: dict[str, list[str]] = {}
     for group in ("mailer", "tracker"):
         handler = Recorder()
         consumer = _consumer_with(broker, group, verifier=verifier)
+        before = len(checks)
         assert asyncio.run(consumer.drain(handler)) == 1
         seen[group] = handler.handled
         rings = 2  # origin ring and the gateway's hop
-        want = (0, rings) if group == "mailer" else (rings, 0)
+        # One cache lookup per chain: a miss for the first group, a hit for the second.
+        want = (0, 1) if group == "mailer" else (1, 0)
         assert (consumer.counters["cache_hits"], consumer.counters["cache_misses"]) == want
+        assert len(checks) - before == (rings if group == "mailer" else 0)
     assert seen == {"mailer": ["e0"], "tracker": ["e0"]}
 
 

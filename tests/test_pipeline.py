@@ -87,9 +87,23 @@ def test_derived_event_names_the_consumed_event(
         order_event("p-1"), destination="amqp:billing/charge", parent=first.context, scope=S2
     )
     second = verifier.verify(through_amqp(derived), "amqp:billing/charge")
-    assert second.context.chain.hops[-1].consumed_event_id == "o-1"
+    chain = second.context.chain
+    # v2: the parent ring's event digest names the consumed event exactly, and
+    # the new ring's signature covers the parent's hash; the id is opt-in.
+    assert chain.hops[-1].consumed_event_id is None
+    assert chain.hops[-2].event_digest == first.wire.digest()
+    assert chain.hashes()[:2] == first.context.chain.hashes()
     assert second.context.actors == (EDGE.actor, EDGE.actor, ORDERS.actor)
     assert second.context.scope == S2
+    named = ChainSigner(ORDERS, clock=clock).seal(
+        order_event("p-2"),
+        destination="amqp:billing/charge",
+        parent=first.context,
+        scope=S2,
+        consumed_event_id=first.context.event_id,
+    )
+    third = verifier.verify(through_amqp(named), "amqp:billing/charge")
+    assert third.context.chain.hops[-1].consumed_event_id == "o-1"
 
 
 def test_seal_needs_exactly_one_parent(

@@ -28,12 +28,15 @@ from chainkit import (
     BUNDLE,
     DEST2,
     EDGE,
+    EDGE_TAG_TWIN,
     MALLORY_KEY,
+    NOW,
     ORDERS,
     PAYMENTS,
     FixedClock,
     Story,
     build_story,
+    encode_segments,
     make_bundle,
     sign_ring,
 )
@@ -53,7 +56,7 @@ from test_kafka_retry import sealed as seal_anew
 from trusthop.admission import Admission
 from trusthop.amqp.messages import H_RETRY as AMQP_RETRY
 from trusthop.amqp.messages import parse_retry, retry_attempt
-from trusthop.chain import Chain
+from trusthop.chain import Chain, HopRing
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
 from trusthop.kafka import H_NOT_BEFORE, H_RETRY, KafkaDelivery, parse_not_before
@@ -281,7 +284,7 @@ async def test_the_skip_signature_path_accepts_only_the_accepted_chain(
     assert first is not None
     if delivery.retry:
         await adm.schedule_retry(first, delivery.retry)
-    origin, (hop1, hop2) = story.chain.origin, story.chain.hops
+    origin, hop2 = story.chain.origin, story.chain.hops[1]
 
     def attempt(chain_text: str, *, data: bytes | None = None) -> Any:
         wire = wire_of(story)
@@ -292,33 +295,34 @@ async def test_the_skip_signature_path_accepts_only_the_accepted_chain(
 
     # An extra trailing ring with a forged signature: another newest ring,
     # hence another key, so a first delivery verified in full.
-    trailing = dataclasses.replace(
-        hop2,
+    trailing = HopRing(
         actor=PAYMENTS.actor,
-        kid=PAYMENTS.kid,
-        prev_hash=story.chain.hashes()[-1],
+        key_tag=PAYMENTS.key_tag,
+        iat=hop2.iat,
+        exp=hop2.exp,
+        scope=hop2.scope,
+        event_digest=hop2.event_digest,
+        destination=hop2.destination,
         signature=bytes(64),
     )
     assert await reason_of(attempt(story.chain.appended(trailing).encode())) is (
         Reason.BAD_SIGNATURE
     )
+    # Structural edits are made on the ring bytes (Chain(...) would re-encode
+    # the rings and recompute their link tags).
+    r0, r1, r2 = story.chain.ring_bytes
     # A middle ring left out, the newest one kept.
-    short = Chain(story.chain.origin, (hop2,))
-    assert await reason_of(attempt(short.encode())) is Reason.BROKEN_LINK
+    assert await reason_of(attempt(encode_segments([r0, r2]))) is Reason.BROKEN_LINK
     # The middle ring repeated.
-    assert await reason_of(attempt(Chain(story.chain.origin, (hop1, hop1, hop2)).encode())) in (
-        Reason.BROKEN_LINK,
-        Reason.WINDOW_ESCALATION,
-    )
+    assert await reason_of(attempt(encode_segments([r0, r1, r1, r2]))) is Reason.BROKEN_LINK
     # The origin re-minted with another subject by the real edge key.
     reminted = sign_ring(dataclasses.replace(origin, subject="user:mallory"), EDGE)
-    swapped = Chain(reminted, (hop1, hop2))  # type: ignore[arg-type]
-    assert await reason_of(attempt(swapped.encode())) is Reason.BROKEN_LINK
-    # The middle ring re-signed by a key outside the bundle.
-    mallory = dataclasses.replace(hop1, signature=MALLORY_KEY.sign(hop1.signing_input()))
-    assert await reason_of(attempt(Chain(origin, (mallory, hop2)).encode())) is (  # type: ignore[arg-type]
-        Reason.BROKEN_LINK
-    )
+    new_origin = Chain(reminted).ring_bytes[0]  # type: ignore[arg-type]
+    assert await reason_of(attempt(encode_segments([new_origin, r1, r2]))) is Reason.BROKEN_LINK
+    # The middle ring re-signed by a key outside the bundle: v2 checks every
+    # signature (oldest first) before any link, and ring 1 still names ring 0.
+    mallory = MALLORY_KEY.sign(story.chain.signing_input(1)) + r1[64:]
+    assert await reason_of(attempt(encode_segments([r0, mallory, r2]))) is Reason.BAD_SIGNATURE
     # Other data under the accepted chain.
     assert await reason_of(attempt(story.encoded, data=b'{"order":43}')) is Reason.EVENT_MISMATCH
     # The real chain still goes through the same path.
@@ -420,8 +424,8 @@ async def test_a_change_function_bug_is_not_swallowed_as_an_outage(
     adm = admission(clock, store)
     admitted = await adm.admit(wire_of(story), DEST2)
     assert admitted is not None
-    key = admitted.key
-    store._values[key] = (b"\xc1 not msgpack", store._values[key][1])
+    # Corrupt the entry through the store's own interface (its layout is private).
+    await store.update(admitted.key, lambda current: (b"\xc1 not msgpack", 3600.0))
     with pytest.raises(TrustError) as caught:
         await adm.schedule_retry(admitted, 2)
     assert caught.value.reason is Reason.STORE_UNAVAILABLE
@@ -1000,28 +1004,47 @@ async def test_a_non_finite_clock_fails_closed_on_every_kind(
 
 
 def test_the_signature_cache_stores_only_successes_per_key(story: Story) -> None:
-    from trusthop.bundle import BundleKey
+    from trusthop.bundle import BundleKey, TrustBundle
+    from trusthop.chain import decode_chain
     from trusthop.sigcache import SignatureCache
+    from trusthop.verify import Limits
 
     cache = SignatureCache(4)
-    ring = story.chain.hops[0]
-    digest = story.chain.hashes()[1]
-    real = BundleKey(EDGE.kid, EDGE.actor, EDGE.key.public_key)
-    forged = dataclasses.replace(ring, signature=bytes(64))
-    # A forged signature presented under the very hash of the real ring
-    # (the verifier computes the hash itself; a caller lying about it) is
-    # not cached, and does not make the real one a hit.
-    assert cache.check(forged, digest, real) is False
+
+    def check(text: str, bundle: TrustBundle = BUNDLE, digest: bytes = story.digest) -> bool:
+        chain = decode_chain(text, max_bytes=1 << 16, max_rings=32)
+        try:
+            cache.verify(
+                chain,
+                bundle=bundle,
+                event_digest=digest,
+                destination=DEST2,
+                now=NOW,
+                limits=Limits(),
+            )
+        except TrustError:
+            return False
+        return True
+
+    r0, r1, r2 = story.chain.ring_bytes
+    # A forged signature over the very bytes of the real ring (the verifier
+    # hashes the ring itself; a caller cannot lie about it) is not cached,
+    # and does not make the real one a hit.
+    assert check(encode_segments([r0, bytes(64) + r1[64:], r2])) is False
     assert len(cache) == 0
-    assert cache.check(ring, digest, real) is True
-    assert cache.check(ring, digest, real) is True and cache.hits == 1
-    # The same ring and hash under another key is a miss, verified again.
-    other = BundleKey(EDGE.kid, EDGE.actor, ORDERS.key.public_key)
-    assert cache.check(ring, digest, other) is False
+    assert check(story.encoded) is True
+    assert check(story.encoded) is True and cache.hits == 1
+    # The same rings under another key with the same key tag are verified
+    # again against that key, and fail.
+    other = BundleKey(EDGE.kid, EDGE.actor, EDGE_TAG_TWIN.public_key)
+    swapped = TrustBundle.of([other, *(k for k in BUNDLE.keys.values() if k.kid != EDGE.kid)])
+    assert EDGE_TAG_TWIN.public_key.key_tag == EDGE.key_tag
+    assert check(story.encoded, swapped) is False
     # Bounded, whatever is presented.
     for n in range(20):
         s = build_story(f"txn-cache-{n}")
-        cache.check(s.chain.hops[0], s.chain.hashes()[1], real)
+        check(s.encoded, digest=s.digest)
+        assert len(cache) <= 4
     assert len(cache) == 4
 
 

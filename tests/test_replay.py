@@ -6,11 +6,23 @@ import dataclasses
 
 import msgpack
 import pytest
-from chainkit import BUNDLE, T0, Story, build_story, seeded_key
+from chainkit import (
+    BUNDLE,
+    DEST2,
+    NOW,
+    ORDERS_ID,
+    ORDERS_TAG_TWIN,
+    T0,
+    Story,
+    build_story,
+    encode_segments,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trusthop.bundle import BundleKey
+from trusthop.bundle import BundleKey, TrustBundle
+from trusthop.chain import decode_chain
+from trusthop.errors import Reason, TrustError
 from trusthop.metrics import COUNTERS, Counters, Fanout
 from trusthop.replay import (
     MAX_REMEMBERED_DELIVERIES,
@@ -209,41 +221,51 @@ def test_memory_store_needs_room() -> None:
 
 # -- signature cache -----------------------------------------------------------
 
-def test_signature_cache_hits_only_verified_pairs(story: Story) -> None:
+def _cached(cache: SignatureCache, story: Story, bundle: TrustBundle = BUNDLE) -> Reason | None:
+    """Verify ``story``'s chain through ``cache``: ``None`` or the rejection's reason."""
+    try:
+        cache.verify(cache.decode(story.encoded), bundle=bundle, event_digest=story.digest,
+                     destination=DEST2, now=NOW, limits=Limits())
+    except TrustError as error:
+        return error.reason
+    return None
+
+
+def test_signature_cache_hits_only_verified_chains(story: Story) -> None:
+    """v2 caches verified chains by their text (trusthop.sigcache); the
+    adversarial tests of the prefix cache are in test_prefix_cache.py."""
     cache = SignatureCache(8)
-    rings, hashes = story.chain.rings, story.chain.hashes()
-    entries = [BUNDLE.get(r.kid) for r in rings]
-    for ring, digest, entry in zip(rings, hashes, entries, strict=True):
-        assert entry is not None and cache.check(ring, digest, entry)
-    assert (cache.hits, cache.misses, len(cache)) == (0, 3, 3)
-    entry = entries[2]
-    assert entry is not None
-    assert cache.check(rings[2], hashes[2], entry)
+    assert _cached(cache, story) is None
+    assert (cache.hits, cache.misses, len(cache)) == (0, 1, 2)  # the chain and its parent
+    assert _cached(cache, story) is None
     assert cache.hits == 1
-    # The same ring under another key: a miss that fails, and stays a miss.
-    impostor = BundleKey(entry.kid, entry.actor, seeded_key(0x77).public_key)
-    assert not cache.check(rings[2], hashes[2], impostor)
-    assert not cache.check(rings[2], hashes[2], impostor)
-    assert cache.misses == 5
-    # A forged signature is never cached, even under the right key.
-    forged = dataclasses.replace(rings[2], signature=bytes(64))
-    assert not cache.check(forged, b"x" * 32, entry)
-    assert len(cache) == 3
+    # The same rings under another key with the same key tag: a hit on the
+    # text, but the keys are judged again and the signature fails, twice.
+    impostor = BundleKey("orders-1", ORDERS_ID, ORDERS_TAG_TWIN.public_key)
+    swapped = TrustBundle.of([*(k for k in BUNDLE.keys.values() if k.kid != "orders-1"), impostor])
+    assert ORDERS_TAG_TWIN.public_key.key_tag == BUNDLE.keys["orders-1"].key.key_tag
+    assert _cached(cache, story, swapped) is Reason.BAD_SIGNATURE
+    assert _cached(cache, story, swapped) is Reason.BAD_SIGNATURE
+    assert cache.hits == 3
+    # A forged signature is never cached, even on a cached prefix.
+    rings = list(story.chain.ring_bytes)
+    forged = dataclasses.replace(story, chain=decode_chain(
+        encode_segments([*rings[:2], bytes(64) + rings[2][64:]]), max_bytes=1 << 16, max_rings=8))
+    assert _cached(cache, forged) is Reason.BAD_SIGNATURE
+    assert len(cache) == 2 and cache.hits == 4  # a hit on the parent, then a rejection
     cache.clear()
-    assert len(cache) == 0 and cache.check(rings[2], hashes[2], entry) and cache.hits == 1
+    assert len(cache) == 0 and _cached(cache, story) is None
+    assert (cache.hits, cache.misses) == (4, 2)  # counters survive clear()
 
 
-def test_signature_cache_is_bounded(story: Story) -> None:
+def test_signature_cache_is_bounded() -> None:
     cache = SignatureCache(2)
-    rings, hashes = story.chain.rings, story.chain.hashes()
-    for ring, digest in zip(rings, hashes, strict=True):
-        entry = BUNDLE.get(ring.kid)
-        assert entry is not None and cache.check(ring, digest, entry)
-    assert len(cache) == 2
-    first = BUNDLE.get(rings[0].kid)
-    assert first is not None
-    cache.check(rings[0], hashes[0], first)
-    assert cache.hits == 0  # the oldest was evicted
+    stories = [build_story(f"txn-lru-{n}") for n in range(3)]
+    for s in stories:
+        assert _cached(cache, s) is None
+        assert len(cache) <= 2
+    assert cache.lookup(stories[0].encoded, count=False) is None  # the oldest was evicted
+    assert cache.lookup(stories[-1].encoded, count=False) is not None
     with pytest.raises(ValueError):
         SignatureCache(0)
 

@@ -30,11 +30,14 @@ from chainkit import (
     S1,
     S2,
     T0,
-    encode_raw,
+    body_map,
+    edit_ring,
     make_event,
-    raw_maps,
     rejected,
     sign_ring,
+    signed_ring,
+    wire_hashes,
+    wire_rings,
 )
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -42,13 +45,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from trusthop.bundle import BundleKey, TrustBundle
+from trusthop.canonical import b64url_encode
 from trusthop.chain import (
+    K_KEY,
     K_X5C,
     Chain,
     HopRing,
     OriginRing,
     decode_chain,
-    ring_hash,
 )
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
@@ -170,29 +174,29 @@ def forged_hop(
     *,
     actor: str,
     x5c: Sequence[bytes] | None,
-    kid: str | None = None,
+    key_tag: int | None = None,
     iat: int = T0 + 20,
 ) -> Signed:
-    """A hop ring built and signed by hand: what the producer would refuse to sign."""
+    """A hop ring built and signed by hand: what the producer would refuse to
+    sign. With ``x5c`` the ring names no key tag (the key is the leaf's)."""
     event = make_event("forged", type_="payment.requested")
     prev = chain.newest
     hop = HopRing(
         actor=actor,
-        kid=kid or key.public_key.thumbprint,
+        key_tag=None if x5c is not None else key_tag or key.public_key.key_tag,
         iat=iat,
         exp=min(iat + 600, prev.exp),
         scope=S2,
-        prev_hash=chain.hashes()[-1],
         event_digest=event.digest(),
         destination=DEST2,
         x5c=tuple(x5c) if x5c is not None else None,
     )
-    return Signed(chain.appended(sign_ring(hop, key)), event)  # type: ignore[arg-type]
+    return Signed(chain.appended(sign_ring(hop, key, chain)), event)  # type: ignore[arg-type]
 
 
-def edge_prefix() -> Chain:
+def edge_prefix(ttl: int = 3600) -> Chain:
     """Origin and first hop by the SVID-signed edge."""
-    chain = signed_story().chain
+    chain = signed_story(ttl=ttl).chain
     return Chain(chain.origin, chain.hops[:1])
 
 
@@ -275,9 +279,10 @@ def test_es256_and_ed25519_leaf_keys_sign_and_verify(kind: str) -> None:
 
 def test_a_bundle_with_only_the_ca_verifies_svid_signed_chains() -> None:
     signed = signed_story()
-    for ring in signed.chain.rings:
-        assert ring.x5c is not None
-        assert CA_BUNDLE.get(ring.kid) is None  # no ring key for that kid anywhere
+    for ring, raw in zip(signed.chain.rings, signed.chain.ring_bytes, strict=True):
+        assert ring.x5c is not None and ring.key_tag is None
+        assert K_KEY not in body_map(raw)  # no key tag: the key is the leaf's
+        assert not CA_BUNDLE.keys  # and no ring key anywhere
     context = signed.verify()
     assert context.subject == "user:alice"
     assert context.actors == (EDGE_ID, EDGE_ID, ORDERS_ID)
@@ -333,7 +338,8 @@ def test_expired_now_but_valid_at_the_signing_time_is_accepted() -> None:
 
 def test_expired_at_the_signing_time_is_bad_certificate() -> None:
     x5c, key = svid(ORDERS_ID, days=1)
-    forged = forged_hop(edge_prefix(), SigningKey(key), actor=ORDERS_ID, x5c=x5c, iat=T0 + DAY + 1)
+    forged = forged_hop(edge_prefix(3 * DAY), SigningKey(key), actor=ORDERS_ID, x5c=x5c,
+                        iat=T0 + DAY + 1)
     err = rejected(lambda: forged.verify(now=T0 + DAY + 10), R.BAD_CERTIFICATE, ring=2)
     assert "not valid at validation time" in err.message
 
@@ -447,12 +453,25 @@ def test_a_ca_of_another_trust_domain() -> None:
 
 
 def test_a_trust_domains_ca_cannot_vouch_for_another_trust_domain() -> None:
-    # prod's CA issues an SVID for a partner workload; the ring names that
-    # actor inside a prod chain: the actor is outside the chain's trust domain.
+    # prod's CA issues an SVID for a partner workload. A hop of a prod chain
+    # can only name a prod actor (its path): the SVID is another workload's.
     foreign = f"spiffe://{PARTNER}/ns/shop/sa/orders"
     x5c, key = svid(foreign)
-    err = x5c_rejected(x5c, R.UNAUTHORIZED_ACTOR, key, actor=foreign)
-    assert "outside trust domain" in err.message
+    err = x5c_rejected(x5c, R.UNAUTHORIZED_ACTOR, key, actor=ORDERS_ID)
+    assert foreign in err.message
+    # As the origin of a partner chain, it is judged by the partner's authorities.
+    signing = SigningKey(key)
+    partner_edge = Identity(foreign, signing, signing.public_key.thumbprint, tuple(x5c))
+    origin = mint_origin(partner_edge, subject="u", issuer="i", credential="c", scope=S0, now=T0)
+    chain = append_hop(partner_edge, Chain(origin), event_digest=b"\0" * 32, destination=DEST2,
+                       now=T0 + 1)
+    err = rejected(
+        lambda: verify_chain(chain.encode(), bundle=CA_BUNDLE, event_digest=b"\0" * 32,
+                             destination=DEST2, now=T0 + 2),
+        R.BAD_CERTIFICATE,
+        ring=0,
+    )
+    assert "does not validate" in err.message
 
 
 def test_a_self_signed_leaf() -> None:
@@ -559,11 +578,8 @@ def test_five_certificates() -> None:
     five = [*x5c, *[der(INTER_CERT)] * 3]
     bad(five, "1 to 4 certificates")
     forged = forged_hop(edge_prefix(), SigningKey(key), actor=ORDERS_ID, x5c=x5c)
-    maps = raw_maps(forged.encoded)
-    maps[3][K_X5C] = five
-    err = rejected(
-        lambda: decode_chain(encode_raw(maps), max_bytes=99_999, max_rings=32), R.MALFORMED, ring=2
-    )
+    text = edit_ring(forged.encoded, 2, lambda b: b.__setitem__(K_X5C, five))
+    err = rejected(lambda: decode_chain(text, max_bytes=99_999, max_rings=32), R.MALFORMED, ring=2)
     assert "x5c" in err.message
 
 
@@ -582,18 +598,14 @@ def test_five_certificates() -> None:
 def test_x5c_wire_shape_is_malformed(value: object) -> None:
     x5c, key = svid(ORDERS_ID)
     forged = forged_hop(edge_prefix(), SigningKey(key), actor=ORDERS_ID, x5c=x5c)
-    maps = raw_maps(forged.encoded)
-    for ring in (1, 3):  # an origin ring and a hop ring
-        changed = [dict(m) if isinstance(m, dict) else m for m in maps]
-        changed[ring][K_X5C] = value
-        text = encode_raw(changed)
+    for ring in (0, 2):  # an origin ring and a hop ring
+        text = edit_ring(forged.encoded, ring, lambda b: b.__setitem__(K_X5C, value))
 
         def decode(text: str = text) -> Chain:
             return decode_chain(text, max_bytes=99_999, max_rings=32)
 
-        err = rejected(decode, R.MALFORMED)
-        # An over-long bin is refused by the msgpack layer before any ring is read.
-        assert err.ring == (None if value == [b"\x30" * 4097] else ring - 1), err.message
+        err = rejected(decode, R.MALFORMED, ring=ring)
+        assert "x5c" in err.message, err.message
 
 
 def test_garbage_der() -> None:
@@ -670,11 +682,23 @@ def test_a_leaf_listed_as_an_authority_is_still_a_leaf() -> None:
 # -- binding the SVID to the ring -------------------------------------------------
 
 
-def test_kid_must_be_the_leaf_key_thumbprint() -> None:
+@pytest.mark.parametrize("tag", ["leaf", "orders"])
+def test_an_x5c_ring_names_no_key_tag(tag: str) -> None:
+    """x5c and a key tag together are no valid ring, even signed by the leaf
+    key: a verifier never has to choose which of the two names the key."""
     x5c, key = svid(ORDERS_ID)
-    forged = forged_hop(edge_prefix(), SigningKey(key), actor=ORDERS_ID, x5c=x5c, kid="orders-1")
-    err = rejected(lambda: forged.verify(), R.BAD_CERTIFICATE, ring=2)
-    assert "thumbprint" in err.message
+    signing = SigningKey(key)
+    forged = forged_hop(edge_prefix(), signing, actor=ORDERS_ID, x5c=x5c)
+    value = signing.public_key.key_tag if tag == "leaf" else ORDERS.key_tag
+    rings = wire_rings(forged.encoded)
+    body = body_map(rings[2])
+    body[K_KEY] = value
+    rings[2] = signed_ring(body, signing, wire_hashes(rings[:2])[-1])
+    text = "2." + ".".join(b64url_encode(r) for r in rings)
+    bundle = TrustBundle.of([ORDERS.bundle_key], authorities={DOMAIN: [ROOT_CERT]})
+    err = rejected(lambda: verify_chain(text, bundle=bundle, event_digest=forged.event.digest(),
+                                        destination=DEST2, now=NOW), R.MALFORMED, ring=2)
+    assert "exactly one" in err.message
 
 
 def test_x5c_swapped_for_another_svid_of_the_same_actor() -> None:
@@ -682,13 +706,15 @@ def test_x5c_swapped_for_another_svid_of_the_same_actor() -> None:
     other_x5c, other_key = svid(ORDERS_ID, INTER, chain=[INTER_CERT])
     newest = signed.chain.newest
     assert isinstance(newest, HopRing)
-    # Only x5c swapped: the ring's kid is not the new leaf's key.
+    # x5c swapped: the key is the new leaf's, which did not sign.
+    assert PublicKey.of(other_key.public_key()) != ORDERS_SVID.key.public_key
     swapped = dataclasses.replace(newest, x5c=tuple(other_x5c))
     attack = Signed(Chain(signed.chain.origin, (*signed.chain.hops[:-1], swapped)), signed.event)
-    rejected(lambda: attack.verify(), R.BAD_CERTIFICATE, ring=2)
-    # x5c and kid swapped: the old signature is not the new key's.
-    kid = PublicKey.of(other_key.public_key()).thumbprint
-    swapped = dataclasses.replace(newest, x5c=tuple(other_x5c), kid=kid)
+    rejected(lambda: attack.verify(), R.BAD_SIGNATURE, ring=2)
+    # A certificate re-issued for the very same key: x5c is signed too.
+    reissued, _ = svid(ORDERS_ID, INTER, chain=[INTER_CERT], key=ORDERS_SVID.key._key)
+    assert reissued != list(ORDERS_SVID.certificates)
+    swapped = dataclasses.replace(newest, x5c=tuple(reissued))
     attack = Signed(Chain(signed.chain.origin, (*signed.chain.hops[:-1], swapped)), signed.event)
     rejected(lambda: attack.verify(), R.BAD_SIGNATURE, ring=2)
 
@@ -696,15 +722,19 @@ def test_x5c_swapped_for_another_svid_of_the_same_actor() -> None:
 def test_x5c_is_signed_and_hashed() -> None:
     signed = signed_story()
     newest = signed.chain.newest
-    without = dataclasses.replace(newest, x5c=None)
-    assert without.signing_input() != newest.signing_input()
-    assert ring_hash(without) != ring_hash(newest)
-    # Dropping x5c turns the ring into a bundle-key ring whose kid no bundle knows.
+    leaf_tag = ORDERS_SVID.key.public_key.key_tag
+    # Dropping x5c leaves a ring that names no key at all.
+    text = edit_ring(signed.encoded, 2, lambda b: b.pop(K_X5C))
+    rejected(lambda: decode_chain(text, max_bytes=99_999, max_rings=32), R.MALFORMED, ring=2)
+    # Replacing it by the leaf key's tag: a bundle-key ring no bundle knows...
+    without = dataclasses.replace(newest, x5c=None, key_tag=leaf_tag)
     attack = Signed(Chain(signed.chain.origin, (*signed.chain.hops[:-1], without)), signed.event)  # type: ignore[arg-type]
+    assert attack.chain.signing_input(2) != signed.chain.signing_input(2)
+    assert attack.chain.hashes()[2] != signed.chain.hashes()[2]
     rejected(lambda: attack.verify(), R.UNKNOWN_KEY, ring=2)
-    # ...and with the kid bundled for that actor, the signature still fails.
+    # ...and with that very key bundled for that actor, the signature still fails.
     bundle = TrustBundle.of(
-        [BundleKey(newest.kid, ORDERS_ID, ORDERS_SVID.key.public_key)],
+        [BundleKey(ORDERS_SVID.kid, ORDERS_ID, ORDERS_SVID.key.public_key)],
         authorities={DOMAIN: [ROOT_CERT]},
     )
     rejected(lambda: attack.verify(bundle=bundle), R.BAD_SIGNATURE, ring=2)
@@ -718,12 +748,19 @@ def test_x5c_round_trips_through_the_wire() -> None:
 
 
 def test_a_key_bound_to_an_actor_in_the_bundle_does_not_help_another_svid() -> None:
-    # Adding x5c to a ring signed by a bundle key: the kid must be the leaf's,
-    # and then only the leaf's key can have signed.
+    # Adding x5c to a ring signed by a bundle key: the key is then the leaf's,
+    # and only the leaf's key can have signed.
     x5c, _ = svid(ORDERS_ID)
-    forged = forged_hop(edge_prefix(), ORDERS.key, actor=ORDERS_ID, x5c=x5c, kid=ORDERS.kid)
+    forged = forged_hop(edge_prefix(), ORDERS.key, actor=ORDERS_ID, x5c=x5c)
     bundle = TrustBundle.of([ORDERS.bundle_key], authorities={DOMAIN: [ROOT_CERT]})
-    rejected(lambda: forged.verify(bundle=bundle), R.BAD_CERTIFICATE, ring=2)
+    rejected(lambda: forged.verify(bundle=bundle), R.BAD_SIGNATURE, ring=2)
+    # An SVID whose leaf key *is* the bundled key: the same key, both ways.
+    leaf, _ = make_svid([ORDERS_ID], ROOT, key=ORDERS.key._key)
+    forged = forged_hop(edge_prefix(), ORDERS.key, actor=ORDERS_ID, x5c=[der(leaf)])
+    assert forged.verify(bundle=bundle).actors[-1] == ORDERS_ID
+    revoked = TrustBundle.of([BundleKey(ORDERS.kid, ORDERS_ID, ORDERS.key.public_key,
+                                        revoked=True)], authorities={DOMAIN: [ROOT_CERT]})
+    rejected(lambda: forged.verify(bundle=revoked), R.REVOKED, ring=2)
 
 
 # -- revocation ---------------------------------------------------------------------
@@ -847,6 +884,7 @@ def test_identity_from_svid_pem() -> None:
     leaf, key = make_svid([ORDERS_ID], INTER)
     identity = Identity.from_svid(pem(leaf) + pem(INTER_CERT), key_pem(key))
     assert identity.actor == ORDERS_ID
+    assert identity.key_tag is None  # rings it signs carry x5c instead
     assert identity.kid == PublicKey.of(key.public_key()).thumbprint
     assert identity.certificates == (der(leaf), der(INTER_CERT))
     assert identity.x5c == identity.certificates

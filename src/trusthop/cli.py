@@ -176,7 +176,13 @@ def cmd_emit(args: argparse.Namespace) -> int:
             trusted = ChainVerifier(_bundle(args.bundle)).verify(
                 parent, args.parent_dest or _newest_destination(parent.chain)
             )
-            sealed = signer.seal(event, destination=args.dest, parent=trusted.context, scope=scope)
+            sealed = signer.seal(
+                event,
+                destination=args.dest,
+                parent=trusted.context,
+                scope=scope,
+                consumed_event_id=parent.id,
+            )
         else:
             print("trusthop emit: parent chain not verified (no --bundle)", file=sys.stderr)
             chain = decode_chain(

@@ -159,12 +159,15 @@ class TrustedPublisher:
         scope: Iterable[str] | None = None,
         mandatory: bool = True,
         persistent: bool = True,
+        consumed_event_id: str | None = None,
     ) -> WireEvent:
         """Seal ``event`` for ``amqp:<exchange>/<routing_key>`` and publish it.
 
         Exactly one of ``origin`` (first event of a request, at the edge) or
         ``parent`` (the :attr:`Delivery.context` of the event this one derives
-        from) is given; ``scope`` narrows the chain's scope.
+        from) is given; ``scope`` narrows the chain's scope;
+        ``consumed_event_id`` also records the parent event's id in the new
+        ring (see :meth:`~trusthop.pipeline.ChainSigner.seal`).
 
         Returns:
             The sealed :class:`~trusthop.event.WireEvent` that was published.
@@ -188,6 +191,7 @@ class TrustedPublisher:
             origin=origin,
             parent=parent,
             scope=scope,
+            consumed_event_id=consumed_event_id,
         )
         headers, body, content_type = encode_amqp(wire, structured=self.structured)
         amqp_headers: HeadersType = dict(headers)
