@@ -270,6 +270,7 @@ async def test_origin_and_derived_event_verified_across_two_exchanges(
             routing_key="payment.requested",
             parent=delivery.context,
             scope={"payments:charge"},
+            consumed_event_id=delivery.event.get_id(),
         )
 
     @payments_worker.handler(q_payments, bind=[(payments_x.name, "payment.requested")])
@@ -460,7 +461,8 @@ async def test_attacks_are_dead_lettered_with_reason_and_nothing_is_lost(rabbit:
     # broken_link: a ring removed from a valid two-hop chain.
     e1, e2 = wire_order("b1"), wire_order("b2")
     full = _chain_two_hops(origin, e1, e2, destination)
-    e2.chain = Chain(full.origin, full.hops[1:]).encode()
+    parts = full.encode().split(".")  # "2", ring 0, ring 1, ring 2: ring 1 goes
+    e2.chain = ".".join(parts[:2] + parts[3:])
     add("ring-removed", published(e2, "b"), Reason.BROKEN_LINK)
 
     # scope_escalation: the orders service widens its scope and signs it with
@@ -468,8 +470,11 @@ async def test_attacks_are_dead_lettered_with_reason_and_nothing_is_lost(rabbit:
     e1, e2 = wire_order("s1"), wire_order("s2")
     narrow = _chain_two_hops(origin, e1, e2, destination)
     widened: HopRing = dataclasses.replace(narrow.hops[1], scope=SCOPE, signature=b"")
-    widened = dataclasses.replace(widened, signature=ORDERS.key.sign(widened.signing_input()))
-    e2.chain = Chain(narrow.origin, (narrow.hops[0], widened)).encode()
+    before = Chain(narrow.origin, (narrow.hops[0],))
+    widened = dataclasses.replace(
+        widened, signature=ORDERS.key.sign(before.next_signing_input(widened))
+    )
+    e2.chain = before.appended(widened).encode()
     add("scope-widened", published(e2, "s"), Reason.SCOPE_ESCALATION)
 
     # missing_chain: a well-formed CloudEvent without trustchain, carrying
