@@ -28,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable
+import types
+from collections.abc import Awaitable, Generator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from trusthop.chain import Chain
 from trusthop.errors import Reason, TrustError
@@ -360,11 +361,22 @@ class Admission:
         error, a bug), or does not answer within ``store_timeout`` seconds,
         fails closed the same way (logged); a :class:`TrustError` raised by
         the ``change`` function (a corrupt entry) keeps its own message.
+
+        The call's first step runs at once; only a call that then waits (for
+        the network) gets the ``store_timeout`` timer, armed from that
+        moment. A call that completes without waiting (the in-memory store,
+        a cache hit) cannot hang, and costs no timer (about 4 us each).
         """
-        scope = asyncio.timeout(self.store_timeout)
+        scope: asyncio.Timeout | None = None
         try:
+            step = pending.__await__()
+            try:
+                waiting_on = step.send(None)
+            except StopIteration as done:
+                return cast(T, done.value)
+            scope = asyncio.timeout(self.store_timeout)
             async with scope:
-                return await pending
+                return await _resume(step, waiting_on)
         except TrustError:
             raise
         except StoreFull as exc:
@@ -372,7 +384,7 @@ class Admission:
         except StoreError as exc:
             raise TrustError(Reason.STORE_UNAVAILABLE, f"replay store failed: {exc}") from None
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and scope.expired():
+            if isinstance(exc, TimeoutError) and scope is not None and scope.expired():
                 log.warning("the replay store did not answer within %g s", self.store_timeout)
                 raise TrustError(
                     Reason.STORE_UNAVAILABLE,
@@ -383,6 +395,29 @@ class Admission:
                 Reason.STORE_UNAVAILABLE,
                 f"replay store failed unexpectedly: {type(exc).__name__}",
             ) from None
+
+
+@types.coroutine
+def _resume(step: Generator[Any, Any, T], waiting_on: Any) -> Generator[Any, Any, T]:
+    """Go on with an awaitable whose first step already ran and yielded
+    ``waiting_on`` (what ``yield from step`` does after its first ``send``):
+    what the task sends or throws in is passed on, cancellation included."""
+    while True:
+        try:
+            sent = yield waiting_on
+        except GeneratorExit:
+            step.close()
+            raise
+        except BaseException as exc:
+            try:
+                waiting_on = step.throw(exc)
+            except StopIteration as done:
+                return cast(T, done.value)
+        else:
+            try:
+                waiting_on = step.send(sent)
+            except StopIteration as done:
+                return cast(T, done.value)
 
 
 def _parse(value: bytes | None) -> Sighting | None:
