@@ -533,6 +533,7 @@ class TrustedKafkaConsumer:
         self.subscribed = tuple(dict.fromkeys((*topics, *retries)))
         self._bases = frozenset(topics)
         self._retry_sources = frozenset(retries) - self._bases
+        self._routes: dict[str, tuple[str, str]] = {}
         self.verifier = verifier
         self.group_id = group_id
         self.max_attempts = max_attempts
@@ -1251,12 +1252,21 @@ class TrustedKafkaConsumer:
                 if not (one_at_a_time and records):
                     break
 
+    def _route(self, topic: str) -> tuple[str, str]:
+        """Where records of ``topic`` are consumed from (``kafka:<topic>``)
+        and the destination they must have been signed for
+        (:func:`signed_kafka_destination`); computed once per topic."""
+        route = self._routes.get(topic)
+        if route is None:
+            route = (kafka_destination(topic), signed_kafka_destination(topic, self._bases))
+            self._routes[topic] = route
+        return route
+
     def _base_topic(self, topic: str) -> str:
         """The subscribed topic a record of ``topic`` belongs to: ``t`` for
         ``t.retry`` (and ``t.dlq``) when ``t`` is subscribed, else ``topic``
         itself (the topic of :func:`signed_kafka_destination`)."""
-        destination = signed_kafka_destination(topic, self._bases)
-        return destination[len("kafka:") :]
+        return self._route(topic)[1][len("kafka:") :]
 
     def _first_of(self, record: Any) -> str:
         """``<topic>/<partition>/<offset>`` of the first record ``record`` was
@@ -1283,7 +1293,7 @@ class TrustedKafkaConsumer:
             aiokafka.errors.KafkaError: the dead letter could not be written
                 (see :meth:`_dead_letter`).
         """
-        source = kafka_destination(record.topic)
+        source, destination = self._route(record.topic)
         if isinstance(record, _Undecodable):
             rejection = Rejection(Reason.MALFORMED, UNDECODABLE_DETAIL, source, self.group_id)
             await self._send_stub(record, rejection, None)
@@ -1309,7 +1319,6 @@ class TrustedKafkaConsumer:
         wire: WireEvent | None = None
         try:
             wire = decode_record(record.headers, record.value)
-            destination = signed_kafka_destination(record.topic, self._bases)
             admitted = await self.admission.admit(wire, destination, delivery)
         except TrustError as error:
             if wire is None:  # refused before admission saw it
