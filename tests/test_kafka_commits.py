@@ -438,6 +438,45 @@ async def test_the_interval_bounds_how_long_settled_records_wait() -> None:
     await consumer.stop()
 
 
+async def test_one_record_batches_commit_by_the_interval_and_once_idle() -> None:
+    # A consumer that keeps up gets a record per fetch: it must not pay a
+    # commit per record, and what it settled is committed once it goes idle.
+    records = [good(i, f"a{i}") for i in range(10)]
+    consumer, broker, _ = await checked(records, batch=1, commit_interval=0.2)
+
+    async def handle(delivery: KafkaDelivery) -> None:
+        broker.handled.add((delivery.topic, delivery.record.key))
+
+    runner = asyncio.create_task(consumer.run(handle))
+    await asyncio.wait_for(_until(lambda: consumer.stats.handled == 10), 5)
+    assert len(broker.commits) <= 2  # the first record at once, then the interval
+    await asyncio.wait_for(_until(lambda: committed(broker, MAIN0) == 10), 1)  # idle
+    assert broker.violations == []
+    await consumer.stop()
+    await asyncio.wait_for(runner, 5)
+
+
+async def test_a_dead_letter_is_committed_before_the_next_fetch() -> None:
+    records = [good(0, "a0"), tampered(1, "bad"), good(2, "a2")]
+    consumer, broker, producer = await checked(records, batch=1, commit_interval=60)
+    first = await consumer.__anext__()  # committed at once: nothing was committed before
+    broker.handled.add((first.topic, first.record.key))
+    second = await consumer.__anext__()  # the tampered one was dead-lettered on the way
+    assert second.offset == 2
+    assert committed(broker, MAIN0) == 2  # a repeat of a dead letter is worth a commit
+    assert [k for k, _ in producer.to(DLQ)] == [b"bad"]
+    assert broker.violations == []
+    await consumer.stop()
+
+
+async def _until(condition: Any) -> None:
+    """Poll ``condition`` (the callers bound the wait with a timeout)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
 def test_a_nonsense_commit_interval_is_refused(bad: float) -> None:
     with pytest.raises(ValueError, match="commit_interval"):

@@ -57,17 +57,22 @@ letter was acknowledged; "committed" below means "its offset may be
 committed from then on". Commits are coalesced: each sends, for every
 partition, the offset after its last settled record (records of a partition
 are settled one at a time, in order, so that is the highest contiguous
-settled offset), in one request, awaited. One is sent before every
-``getmany``, before the last record of a fetched batch is handed out (so
-a slow last record holds back nothing else), at most every
+settled offset), in one request, awaited. One is sent at most every
 ``commit_interval`` seconds while records flow (the first record settled
-after a quiet spell is committed at once), on revocation (for the revoked
-partitions), when :meth:`TrustedKafkaConsumer.run` returns, on
+after a quiet spell is committed at once), before the last record of a
+fetched batch of several is handed out (so a slow last record holds back
+nothing else), before fetching after a dead letter or a retry copy was
+written (their repeat is worth a commit), once the consumer is idle (a
+``getmany`` that waits wakes up when the settled records are due), on
+revocation (for the revoked partitions), when
+:meth:`TrustedKafkaConsumer.run` returns, on
 :meth:`TrustedKafkaConsumer.stop` and on
-:meth:`TrustedKafkaConsumer.commit` (immediately). A crash can therefore
-redeliver the records settled since the last commit (a few
-milliseconds' worth under load, at most the rest of the fetched batch or
-``commit_interval`` seconds): they come again as redeliveries
+:meth:`TrustedKafkaConsumer.commit` (immediately). A consumer that keeps up
+with one record per fetch therefore commits about once per
+``commit_interval``, one that works through a backlog about once per
+fetched batch. A crash can redeliver the records settled since the last
+commit (at most the rest of the fetched batch or ``commit_interval``
+seconds' worth): they come again as redeliveries
 (``delivery.redelivered``, judged at their first delivery's time, without
 the signature checks) when the replay store survives the crash (a shared
 store); a handler that must not repeat a side effect checks
@@ -421,10 +426,11 @@ class TrustedKafkaConsumer:
             record the consumer can receive, or large rejects are
             dead-lettered as stubs.
         commit_interval: seconds between two coalesced commits while records
-            flow (default :data:`DEFAULT_COMMIT_INTERVAL`, 0.1 s; see the
-            module docstring for every point at which a commit is sent). It
-            bounds what a crash redelivers, not when a record is settled;
-            ``0`` commits after every settled record.
+            flow, and at most until what was settled is committed once idle
+            (default :data:`DEFAULT_COMMIT_INTERVAL`, 0.1 s; see the module
+            docstring for every point at which a commit is sent). It bounds
+            what a crash redelivers, not when a record is settled; ``0``
+            commits after every settled record.
         dead_letter_max_request_size: ``max_request_size`` of the dead-letter
             producer the consumer builds; default
             :func:`default_dead_letter_max_request_size` (2 MiB unless
@@ -585,6 +591,10 @@ class TrustedKafkaConsumer:
         self._sent: dict[TopicPartition, int] = {}
         self._dirty = False
         self._last_commit = -math.inf
+        # Whether the last fetch returned more than one record; whether a dead
+        # letter or retry copy was written since the last commit.
+        self._batch_of_many = False
+        self._wrote = False
         self._commit_lock = asyncio.Lock()
 
     # ------------------------------------------------------------- lifecycle
@@ -1056,16 +1066,24 @@ class TrustedKafkaConsumer:
             buffered = len(self._buffer)
             if not buffered and self._stopping:
                 return None
-            if self._dirty and (
-                buffered <= 1 or time.monotonic() - self._last_commit >= self.commit_interval
-            ):
-                # Before fetching, before the last record of a batch, and at
-                # most every commit_interval while records flow. The buffer
-                # may change while the commit is awaited (a revocation): look again.
-                await self._flush()
-                continue
+            due_in: float | None = None
+            if self._dirty:
+                due_in = self._last_commit + self.commit_interval - time.monotonic()
+                if (
+                    due_in <= 0
+                    or (buffered == 1 and self._batch_of_many)
+                    or (not buffered and self._wrote)
+                ):
+                    # Every commit_interval, before the last record of a batch,
+                    # and before fetching after a dead letter or a retry copy.
+                    # The buffer may change while the commit is awaited (a
+                    # revocation): look again.
+                    await self._flush()
+                    continue
             if not buffered:
                 timeout_ms = self._release_due()
+                if due_in is not None:  # come back when the settled records are due
+                    timeout_ms = min(timeout_ms, math.ceil(due_in * 1000))
                 try:
                     batches = await self._consumer.getmany(timeout_ms=timeout_ms)
                 except ConsumerStoppedError:
@@ -1076,9 +1094,11 @@ class TrustedKafkaConsumer:
                         await self._isolate_undecodable()
                     except ConsumerStoppedError:
                         return None
+                    self._batch_of_many = len(self._buffer) > 1
                     continue
                 for records in batches.values():
                     self._buffer.extend(records)
+                self._batch_of_many = len(self._buffer) > 1
                 continue
             record = self._buffer.popleft()
             if not await self._hold(record):
@@ -1437,6 +1457,7 @@ class TrustedKafkaConsumer:
         """
         if key is not None or value is not None:
             await self._dlq.send_and_wait(topic, value=value, key=key, headers=headers)
+            self._wrote = True
             return
         # aiokafka's send() refuses a record with neither key nor value; a batch
         # carries it unchanged, but a batch's first record skips the size check.
@@ -1452,6 +1473,7 @@ class TrustedKafkaConsumer:
         partitions = sorted(await self._dlq.partitions_for(topic))
         future = await self._dlq.send_batch(batch, topic, partition=partitions[0])
         await future
+        self._wrote = True
 
     def _done_handled(self, record: Any) -> None:
         self._done(record)
@@ -1492,6 +1514,7 @@ class TrustedKafkaConsumer:
             before = {tp: self._sent.get(tp) for tp in offsets}
             self._sent.update(offsets)
             self._dirty = self._has_unsent()
+            self._wrote = False
             self._last_commit = time.monotonic()
             try:
                 await self._send_commit(offsets)
