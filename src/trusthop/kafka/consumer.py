@@ -734,7 +734,9 @@ class TrustedKafkaConsumer:
             RuntimeError: the consumer was never started, or :meth:`run` is
                 consuming at the same time.
             aiokafka.errors.KafkaError: dead-lettering failed other than by
-                size (the record is not committed and comes again).
+                size (the record is not committed and comes again), or a
+                coalesced commit failed other than by a rebalance (what it
+                carried is sent again with the next commit).
         """
         if not self._started:
             raise RuntimeError("start() the consumer (or use 'async with') before iterating")
@@ -848,7 +850,9 @@ class TrustedKafkaConsumer:
                 is inside an ``async for`` loop over this consumer.
             aiokafka.errors.KafkaError: a dead letter or retry copy could not
                 be written other than by size, stub included (the record is
-                not committed and comes again).
+                not committed and comes again), or a coalesced commit failed
+                other than by a rebalance (what it carried is sent again with
+                the next commit).
         """
         func = handler if handler is not None else self._handler
         if func is None:
