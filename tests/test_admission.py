@@ -407,3 +407,88 @@ async def test_a_retry_copy_redelivered_after_a_crash(story: Story, clock: Fixed
     # Without the retry number, the default exchange is not where it was signed for.
     assert await reason_of(adm.admit(wire_of(story), "amqp:/q",
                                      DeliveryInfo(redelivered=True))) is Reason.WRONG_DESTINATION
+
+
+# --------------------------------------------------------------------------- #
+# the store-call timer: armed only when a call waits
+# --------------------------------------------------------------------------- #
+
+
+class StagedStore(MemoryReplayStore):
+    """Each call yields to the loop ``pauses`` times, then either answers,
+    raises ``error``, or (``hang``) never answers."""
+
+    def __init__(self, pauses: int, *, error: Exception | None = None, hang: bool = False) -> None:
+        super().__init__()
+        self.pauses, self.error, self.hang = pauses, error, hang
+        self.cancelled = 0
+
+    async def _wait(self) -> None:
+        for _ in range(self.pauses):
+            await asyncio.sleep(0)
+        if self.error is not None:
+            raise self.error
+        if self.hang:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1  # the call itself was cancelled, not dropped
+                raise
+
+    async def get(self, key: str) -> bytes | None:
+        await self._wait()
+        return await super().get(key)
+
+    async def update(self, key: str, change: Change) -> bytes | None:
+        await self._wait()
+        return await super().update(key, change)
+
+
+@pytest.mark.parametrize("pauses", [0, 1, 3])
+async def test_store_calls_answer_the_same_whether_or_not_they_wait(
+    story: Story, clock: FixedClock, pauses: int
+) -> None:
+    adm = make(clock, store=StagedStore(pauses))
+    first = await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="p/0@1"))
+    assert first is not None and first.kind is K.FIRST
+    again = await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="p/0@1"))
+    assert again is not None and again.kind is K.REDELIVERY
+    assert await reason_of(adm.admit(wire_of(story), DEST2, DeliveryInfo(id="p/0@2"))) is (
+        Reason.REPLAYED
+    )
+
+
+@pytest.mark.parametrize("pauses", [0, 1, 2])
+async def test_a_store_that_hangs_after_any_number_of_steps_times_out(
+    story: Story, clock: FixedClock, pauses: int
+) -> None:
+    store = StagedStore(pauses, hang=True)
+    adm = make(clock, store=store)
+    adm.store_timeout = 0.05
+    caught = await asyncio.wait_for(reason_of(adm.admit(wire_of(story), DEST2)), 2)
+    assert caught is Reason.STORE_UNAVAILABLE
+    assert store.cancelled == 1
+
+
+@pytest.mark.parametrize("pauses", [0, 1])
+async def test_a_store_error_before_or_after_waiting_fails_closed(
+    story: Story, clock: FixedClock, pauses: int
+) -> None:
+    for error in (StoreError("reset"), RuntimeError("client bug")):
+        adm = make(clock, store=StagedStore(pauses, error=error))
+        assert await reason_of(adm.admit(wire_of(story), DEST2)) is Reason.STORE_UNAVAILABLE
+
+
+async def test_cancelling_a_delivery_while_the_store_waits_cancels_the_store_call(
+    story: Story, clock: FixedClock
+) -> None:
+    store = StagedStore(1, hang=True)
+    adm = make(clock, store=store)
+    task = asyncio.create_task(adm.admit(wire_of(story), DEST2))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):  # not turned into store_unavailable
+        await task
+    assert store.cancelled == 1
+    store.hang = False  # the store works again: nothing was left half-done
+    assert await adm.admit(wire_of(story), DEST2, DeliveryInfo(id="p/0@1")) is not None

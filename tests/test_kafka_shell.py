@@ -360,6 +360,44 @@ def test_producer_refuses_what_every_consumer_would_reject() -> None:
     assert context.chain.hops[-1].actor == ORDERS.actor
 
 
+def test_the_producer_bounds_agree_with_the_decoder_at_every_depth() -> None:
+    # The producer checks the chain it sealed by its length and ring count, not
+    # by decoding it: at each boundary it refuses exactly what decode_chain
+    # refuses, with the same reason and message.
+    from trusthop.chain import decode_chain
+
+    chains = [sealer().seal(TOPIC, event("d0"), origin=ORIGIN)]
+    parents: list[Any] = [None]
+    for depth in range(1, 4):
+        last = chains[-1]
+        parent = verify_record(VERIFIER, topic=TOPIC, headers=last.headers, value=last.value)
+        parents.append(parent.context)
+        chains.append(sealer(ORDERS).seal(TOPIC, event(f"d{depth}"), parent=parent.context))
+    for depth, (record_, parent) in enumerate(zip(chains, parents, strict=True)):
+        text = dict(record_.headers)["ce_trustchain"].decode()
+        rings = len(decode_chain(text, max_bytes=len(text), max_rings=64).rings)
+        for limits in (
+            Limits(max_rings=rings),
+            Limits(max_rings=rings - 1),
+            Limits(max_bytes=len(text)),
+            Limits(max_bytes=len(text) - 1),
+        ):
+            try:
+                decode_chain(text, max_bytes=limits.max_bytes, max_rings=limits.max_rings)
+                expected = None
+            except TrustError as error:
+                expected = (error.reason, error.message)
+            kwargs: dict[str, Any] = {"parent": parent} if parent else {"origin": ORIGIN}
+            producer = sealer(ORDERS if parent else EDGE, limits=limits)
+            try:  # the same event sealed again: the very same chain (a fixed clock)
+                again = producer.seal(TOPIC, event(f"d{depth}"), **kwargs)
+                assert dict(again.headers)["ce_trustchain"].decode() == text
+                got = None
+            except TrustError as error:
+                got = (error.reason, error.message)
+            assert got == expected, (rings, limits)
+
+
 def test_a_key_outside_the_bundle_is_not_refused_by_the_producer_but_by_consumers() -> None:
     rogue = Identity.create(EDGE.actor, MALLORY_KEY)
     record = sealer(rogue).seal(TOPIC, event(), origin=ORIGIN)

@@ -47,9 +47,11 @@ def encode_kafka(
 
 
 def _text(name: str, value: bytes | None) -> str:
-    if value is None:
-        raise TrustError(Reason.MALFORMED, f"header {name[:40]!r} has no value")
     try:
+        if type(value) is bytes:  # what aiokafka hands out: no copy
+            return value.decode("utf-8")
+        if value is None:
+            raise TrustError(Reason.MALFORMED, f"header {name[:40]!r} has no value")
         return bytes(value).decode("utf-8")
     except (UnicodeDecodeError, TypeError) as exc:
         raise TrustError(Reason.MALFORMED, f"header {name[:40]!r} is not UTF-8") from exc
@@ -70,18 +72,24 @@ def decode_kafka(
     attributes: dict[str, str] = {}
     for raw_key, raw_value in headers or ():
         key = raw_key if isinstance(raw_key, str) else str(raw_key)
-        lowered = key.lower()
-        if lowered == CONTENT_TYPE_HEADER:
-            if key != CONTENT_TYPE_HEADER or content_type is not None:
-                raise TrustError(Reason.MALFORMED, "repeated or mis-cased content-type header")
-            content_type = _text(key, raw_value)
-        elif lowered.startswith(PREFIX):
-            if not key.startswith(PREFIX):
-                raise TrustError(Reason.MALFORMED, f"header {key[:40]!r} is not lowercase 'ce_'")
+        # The exact spellings first (every header of a well-formed record);
+        # any other name is lowered once, to refuse the mis-cased ones.
+        if key.startswith(PREFIX):
             name = key[len(PREFIX) :]
             if name in attributes or name == "datacontenttype":
                 raise TrustError(Reason.MALFORMED, f"attribute {name[:40]!r} appears twice")
             attributes[name] = _text(key, raw_value)
+            continue
+        if key == CONTENT_TYPE_HEADER:
+            if content_type is not None:
+                raise TrustError(Reason.MALFORMED, "repeated or mis-cased content-type header")
+            content_type = _text(key, raw_value)
+            continue
+        lowered = key.lower()
+        if lowered == CONTENT_TYPE_HEADER:
+            raise TrustError(Reason.MALFORMED, "repeated or mis-cased content-type header")
+        if lowered.startswith(PREFIX):
+            raise TrustError(Reason.MALFORMED, f"header {key[:40]!r} is not lowercase 'ce_'")
     if is_structured(content_type):
         if attributes:
             raise TrustError(Reason.MALFORMED, "structured-mode record also carries ce_ headers")
@@ -91,6 +99,6 @@ def decode_kafka(
     chain = attributes.pop(CHAIN_ATTRIBUTE, None)
     if content_type is not None:
         attributes["datacontenttype"] = content_type
-    event = WireEvent(dict(attributes), bytes(value) if value is not None else None, chain)
+    event = WireEvent(attributes, bytes(value) if value is not None else None, chain)
     event.require_cloudevent()
     return event

@@ -50,11 +50,40 @@ due): the main topic and the other partitions keep flowing. After
 attempts itself (the ``trusthop-retry`` number checked against the store),
 never trusting broker counters.
 
+Offsets: a record is *settled* once its handler returned (the loop body
+finished, for ``async for``), its retry copy was acknowledged, it was skipped
+(a foreign retry copy, a replay under ``on_replay="skip"``), or its dead
+letter was acknowledged; "committed" below means "its offset may be
+committed from then on". Commits are coalesced: each sends, for every
+partition, the offset after its last settled record (records of a partition
+are settled one at a time, in order, so that is the highest contiguous
+settled offset), in one request, awaited. One is sent at most every
+``commit_interval`` seconds while records flow (the first record settled
+after a quiet spell is committed at once), before the last record of a
+fetched batch of several is handed out (so a slow last record holds back
+nothing else), before fetching after a dead letter or a retry copy was
+written (their repeat is worth a commit), once the consumer is idle (a
+``getmany`` that waits wakes up when the settled records are due), on
+revocation (for the revoked partitions), when
+:meth:`TrustedKafkaConsumer.run` returns, on
+:meth:`TrustedKafkaConsumer.stop` and on
+:meth:`TrustedKafkaConsumer.commit` (immediately). A consumer that keeps up
+with one record per fetch therefore commits about once per
+``commit_interval``, one that works through a backlog about once per
+fetched batch. A crash can redeliver the records settled since the last
+commit (at most the rest of the fetched batch or ``commit_interval``
+seconds' worth): they come again as redeliveries
+(``delivery.redelivered``, judged at their first delivery's time, without
+the signature checks) when the replay store survives the crash (a shared
+store); a handler that must not repeat a side effect checks
+``delivery.redelivered``. ``commit_interval=0`` commits after every
+settled record, at the cost of a broker round trip each.
+
 Rebalances: the revoke listener drops what was fetched but not handled,
 the partitions paused for a retry not yet due, and their timers; it lets a
-record being handled on a revoked partition finish and commit (up to
-:data:`REVOKE_GRACE` seconds) before the partitions move. Every record is
-committed as soon as it is settled, so nothing finished is left
+record being handled on a revoked partition finish, then commits what was
+settled on the revoked partitions (both within :data:`REVOKE_GRACE`
+seconds) before the partitions move, so nothing finished is left
 uncommitted; a record that fails mid-way (a dead-letter or retry write that
 fails) is rewound: its partition seeks back to it.
 
@@ -169,8 +198,13 @@ DEFAULT_IN_PROCESS_RETRY_DELAY = 0.05
 
 REVOKE_GRACE = 10.0
 """Seconds the revoke listener waits for a record being handled on a revoked
-partition to be settled and committed before it lets the rebalance go on
-(past it, the commit fails and the new owner redelivers the record)."""
+partition to be settled, and for the commit of that partition's settled
+offsets, before it lets the rebalance go on (past it, the commit fails and
+the new owner redelivers what was not committed)."""
+
+DEFAULT_COMMIT_INTERVAL = 0.1
+"""Seconds between two coalesced commits while records flow, by default (see
+:class:`TrustedKafkaConsumer`, ``commit_interval``)."""
 
 
 class _Fresh(enum.Enum):
@@ -274,11 +308,14 @@ class ConsumerStats:
 
     ``delivered`` counts verified records handed to user code (once per
     delivery, not per handler attempt); ``handled`` those whose loop body or
-    handler finished and were committed; ``dead_lettered`` counts by reason
+    handler finished (settled: their offsets go out with the next coalesced
+    commit); ``dead_lettered`` counts by reason
     code (``Reason`` values; plain strings work as keys); ``retried`` counts
     handler re-attempts scheduled (retry copies acknowledged by the broker,
-    or in-process attempts); ``commit_failures`` counts commits refused because a
-    rebalance moved the partition (the new owner redelivers the record);
+    or in-process attempts); ``commit_failures`` counts commit requests (one
+    per partition when aiokafka refused a request naming a partition this
+    member no longer owns) refused because a rebalance moved the partition
+    (the new owner redelivers what was not committed);
     ``dead_letter_stubs`` counts the dead letters (already in
     ``dead_lettered``) written as a stub because the full one was too large;
     ``foreign_retries`` counts the retry copies of other consumer groups
@@ -388,6 +425,12 @@ class TrustedKafkaConsumer:
             ``acks="all"``. Give it a ``max_request_size`` above the largest
             record the consumer can receive, or large rejects are
             dead-lettered as stubs.
+        commit_interval: seconds between two coalesced commits while records
+            flow, and at most until what was settled is committed once idle
+            (default :data:`DEFAULT_COMMIT_INTERVAL`, 0.1 s; see the module
+            docstring for every point at which a commit is sent). It bounds
+            what a crash redelivers, not when a record is settled; ``0``
+            commits after every settled record.
         dead_letter_max_request_size: ``max_request_size`` of the dead-letter
             producer the consumer builds; default
             :func:`default_dead_letter_max_request_size` (2 MiB unless
@@ -403,15 +446,17 @@ class TrustedKafkaConsumer:
             ``group_id``, ``max_attempts < 1`` (or over
             :data:`~trusthop.kafka.records.MAX_RETRY_ATTEMPT` with retry
             topics), a negative or non-finite ``retry_delay``, a
-            non-positive ``dead_letter_max_request_size``, ``max_uses < 1``,
-            a negative ``remember``, an unknown ``on_replay``.
+            non-positive ``dead_letter_max_request_size``, a negative or
+            non-finite ``commit_interval``, ``max_uses < 1``, a negative
+            ``remember``, an unknown ``on_replay``.
         TypeError: a ``key_deserializer``/``value_deserializer`` (the
             verifier needs the raw bytes), or both ``dead_letter_producer``
             and ``dead_letter_max_request_size``.
 
-    Offsets: a delivery of ``async for`` is committed when the loop asks for
-    the next one (its body finished), or when :meth:`commit` is awaited.
-    Leaving the loop (an exception, ``break``, ``return``) leaves the last
+    Offsets: a delivery of ``async for`` is settled when the loop asks for
+    the next one (its body finished), and committed with the next coalesced
+    commit (see the module docstring), or at once when :meth:`commit` is
+    awaited. Leaving the loop (an exception, ``break``, ``return``) leaves the last
     delivery uncommitted, whether the loop is left for good (:meth:`stop`,
     ``async with`` exit) or not: it is delivered again (a redelivery), to
     this consumer when it loops again, or to the group after a restart.
@@ -419,8 +464,10 @@ class TrustedKafkaConsumer:
     exception caught inside the ``async with`` block looks like a clean
     exit), so the shell errs on the side of redelivery, never of loss: call
     :meth:`commit` before ``break`` to avoid the duplicate. :meth:`run`
-    commits each record as soon as its handler returned, its retry copy was
-    acknowledged, or it was dead-lettered. Iterate from one task at a time,
+    settles each record as soon as its handler returned, its retry copy was
+    acknowledged, or it was dead-lettered. Records settled before the open
+    delivery are committed by :meth:`stop` (and on revocation) whether the
+    loop was left or not. Iterate from one task at a time,
     and not while :meth:`run` is consuming. ``async for`` has no handler
     retries: it yields retry copies (written by :meth:`run`) like any record.
     """
@@ -442,6 +489,7 @@ class TrustedKafkaConsumer:
         poll_timeout_ms: int = 250,
         dead_letter_producer: Any = None,
         dead_letter_max_request_size: int | None = None,
+        commit_interval: float = DEFAULT_COMMIT_INTERVAL,
         **consumer_kwargs: Any,
     ) -> None:
         if not topics:
@@ -464,6 +512,8 @@ class TrustedKafkaConsumer:
             retry_delay = DEFAULT_RETRY_DELAY if retry_topics else DEFAULT_IN_PROCESS_RETRY_DELAY
         if not (math.isfinite(retry_delay) and retry_delay >= 0):
             raise ValueError("retry_delay must be a finite number of seconds, at least 0")
+        if not (math.isfinite(commit_interval) and commit_interval >= 0):
+            raise ValueError("commit_interval must be a finite number of seconds, at least 0")
         if dead_letter_max_request_size is not None:
             if dead_letter_producer is not None:
                 raise TypeError(
@@ -489,11 +539,13 @@ class TrustedKafkaConsumer:
         self.subscribed = tuple(dict.fromkeys((*topics, *retries)))
         self._bases = frozenset(topics)
         self._retry_sources = frozenset(retries) - self._bases
+        self._routes: dict[str, tuple[str, str]] = {}
         self.verifier = verifier
         self.group_id = group_id
         self.max_attempts = max_attempts
         self.retry_delay = float(retry_delay)
         self.poll_timeout_ms = poll_timeout_ms
+        self.commit_interval = float(commit_interval)
         self.stats = ConsumerStats()
         self._dead_letter_topic = dead_letter_topic
         self._consumer: Any = AIOKafkaConsumer(group_id=group_id, **consumer_kwargs)
@@ -532,6 +584,18 @@ class TrustedKafkaConsumer:
         # taken from the buffer before an await is dropped if its partition
         # was revoked meanwhile.
         self._revocations = 0
+        # Coalesced commits: per partition, the offset after its last settled
+        # record and the offset last sent in a commit; whether they differ
+        # anywhere; when the last commit was sent (monotonic seconds).
+        self._settled_up_to: dict[TopicPartition, int] = {}
+        self._sent: dict[TopicPartition, int] = {}
+        self._dirty = False
+        self._last_commit = -math.inf
+        # Whether the last fetch returned more than one record; whether a dead
+        # letter or retry copy was written since the last commit.
+        self._batch_of_many = False
+        self._wrote = False
+        self._commit_lock = asyncio.Lock()
 
     # ------------------------------------------------------------- lifecycle
 
@@ -596,8 +660,10 @@ class TrustedKafkaConsumer:
         """Stop consuming; the group rebalances the partitions to others.
 
         Waits for a record being settled (verified, handled by :meth:`run`,
-        dead-lettered, committed) to finish first. Never commits the last
-        ``async for`` delivery (see the class docstring). Called from inside a
+        dead-lettered) to finish first, then commits every settled offset not
+        committed yet (a failure of that commit is logged: those records are
+        delivered again). Never commits the last ``async for`` delivery (see
+        the class docstring). Called from inside a
         :meth:`run` handler, it only asks :meth:`run` to return after the
         current record, and :meth:`run` then stops the clients.
         """
@@ -614,7 +680,16 @@ class TrustedKafkaConsumer:
     async def _shutdown(self) -> None:
         if self._stopped:
             return
-        self._stopped = True
+        try:
+            await self._flush()
+        except KafkaError as exc:
+            log.warning(
+                "the last commit before stopping failed (%s); the records settled since "
+                "the previous commit will be delivered again",
+                exc,
+            )
+        finally:
+            self._stopped = True
         try:
             await self._consumer.stop()
         finally:
@@ -648,7 +723,7 @@ class TrustedKafkaConsumer:
         return self
 
     async def __anext__(self) -> KafkaDelivery:
-        """Commit the previous delivery (its body finished), return the next one.
+        """Settle the previous delivery (its body finished), return the next one.
 
         Records that fail admission are dead-lettered (as in :meth:`run`,
         stubs included) and committed on the way and never returned; so are
@@ -659,7 +734,9 @@ class TrustedKafkaConsumer:
             RuntimeError: the consumer was never started, or :meth:`run` is
                 consuming at the same time.
             aiokafka.errors.KafkaError: dead-lettering failed other than by
-                size (the record is not committed and comes again).
+                size (the record is not committed and comes again), or a
+                coalesced commit failed other than by a rebalance (what it
+                carried is sent again with the next commit).
         """
         if not self._started:
             raise RuntimeError("start() the consumer (or use 'async with') before iterating")
@@ -672,14 +749,14 @@ class TrustedKafkaConsumer:
             async with self._lock:
                 if self._pending is not None:
                     pending, self._pending = self._pending, None
-                    await self._commit_handled(pending.record)
+                    self._done_handled(pending.record)
                 record = await self._next_record()
                 if record is None:
                     raise StopAsyncIteration
                 try:
                     admitted = await self._admit(record)
                     if admitted is None:
-                        await self._commit(record)
+                        self._done(record)
                         continue
                 except BaseException:
                     self._rewind(record)
@@ -699,17 +776,29 @@ class TrustedKafkaConsumer:
             )
 
     async def commit(self) -> None:
-        """Commit the last ``async for`` delivery now (its processing is done).
+        """Commit now: the last ``async for`` delivery (its processing is done)
+        and every record settled before it whose offset the coalesced commits
+        have not sent yet; returns once the broker answered.
 
-        A no-op when there is none, or when the consumer is stopping.
+        A no-op when the consumer is stopping (:meth:`stop` commits what was
+        settled, never the open delivery). A commit the group refuses because
+        a rebalance moved the partition is counted in
+        :attr:`ConsumerStats.commit_failures`, not raised.
+
+        Raises:
+            RuntimeError: another task holds the open delivery.
+            aiokafka.errors.KafkaError: the commit failed otherwise; the
+                offsets are sent again by the next commit.
         """
-        if self._pending is None or self._stopping:
+        if self._stopping:
             return
         self._check_owner()
-        async with self._lock:
-            if self._pending is not None:
-                pending, self._pending = self._pending, None
-                await self._commit_handled(pending.record)
+        if self._pending is not None:
+            async with self._lock:
+                if self._pending is not None:
+                    pending, self._pending = self._pending, None
+                    self._done_handled(pending.record)
+        await self._flush()
 
     # ------------------------------------------------------------- handler
 
@@ -730,10 +819,13 @@ class TrustedKafkaConsumer:
         the copy comes back ``retry_delay`` seconds later (its partition
         paused meanwhile, nothing else waits). Without (``retry_topics=False``),
         the attempts run in process with a growing sleep between them.
-        Each record is committed once handled, handed to the retry topic,
-        skipped as a duplicate, or dead-lettered. Cancelling ``run`` (or a
-        ``BaseException`` from the handler) leaves the current record
-        uncommitted; it comes again, as a redelivery.
+        Each record is settled once handled, handed to the retry topic,
+        skipped as a duplicate, or dead-lettered, and committed with the
+        next coalesced commit (the last ones when ``run`` returns).
+        Cancelling ``run`` (or a ``BaseException`` from the handler) leaves
+        the current record uncommitted; it comes again, as a redelivery (the
+        records settled before it are committed by :meth:`stop` or the next
+        commit).
 
         Dead letters: the original key, value and headers (minus incoming
         ``trusthop-*`` headers) plus the verdict (with the destination its
@@ -758,7 +850,9 @@ class TrustedKafkaConsumer:
                 is inside an ``async for`` loop over this consumer.
             aiokafka.errors.KafkaError: a dead letter or retry copy could not
                 be written other than by size, stub included (the record is
-                not committed and comes again).
+                not committed and comes again), or a coalesced commit failed
+                other than by a rebalance (what it carried is sent again with
+                the next commit).
         """
         func = handler if handler is not None else self._handler
         if func is None:
@@ -784,7 +878,7 @@ class TrustedKafkaConsumer:
                     try:
                         admitted = await self._admit(record)
                         if admitted is None:
-                            await self._commit(record)
+                            self._done(record)
                         else:
                             self.stats.delivered += 1
                             await self._handle(func, *admitted)
@@ -795,6 +889,8 @@ class TrustedKafkaConsumer:
                         self._settling = None
                         self._settled.set()
                 settled += 1
+            if not (self._stopping or self._stopped):
+                await self._flush()
         finally:
             self._run_task = None
             if self._stop_from_handler:
@@ -824,7 +920,7 @@ class TrustedKafkaConsumer:
             else:
                 await self._handler_failed(delivery, exc, attempt)
             return
-        await self._commit_handled(delivery.record)
+        self._done_handled(delivery.record)
 
     async def _handle_in_process(self, func: Handler, delivery: KafkaDelivery) -> None:
         error: Exception | None = None
@@ -849,7 +945,7 @@ class TrustedKafkaConsumer:
                     exc_info=True,
                 )
                 continue
-            await self._commit_handled(delivery.record)
+            self._done_handled(delivery.record)
             return
         assert error is not None
         await self._handler_failed(delivery, error, max(first, self.max_attempts))
@@ -892,7 +988,7 @@ class TrustedKafkaConsumer:
             )
             self.admission.count("rejected", reason=failure.reason.value)
             await self._dead_letter(record, rejection)
-            await self._commit(record)
+            self._done(record)
             return
         base = delivery.topic_base
         first = self._first_of(record)
@@ -934,7 +1030,7 @@ class TrustedKafkaConsumer:
             target,
             self.retry_delay,
         )
-        await self._commit(record)
+        self._done(record)
 
     async def _handler_failed(
         self, delivery: KafkaDelivery, error: Exception, attempts: int, *, detail: str | None = None
@@ -958,7 +1054,7 @@ class TrustedKafkaConsumer:
         )
         self.admission.count("rejected", reason=Reason.HANDLER_FAILED.value)
         await self._dead_letter(delivery.record, rejection)
-        await self._commit(delivery.record)
+        self._done(delivery.record)
 
     # ------------------------------------------------------------- internals
 
@@ -971,10 +1067,27 @@ class TrustedKafkaConsumer:
         once it is due; records of other partitions are returned meanwhile.
         """
         while True:
-            while not self._buffer:
-                if self._stopping:
-                    return None
+            buffered = len(self._buffer)
+            if not buffered and self._stopping:
+                return None
+            due_in: float | None = None
+            if self._dirty:
+                due_in = self._last_commit + self.commit_interval - time.monotonic()
+                if (
+                    due_in <= 0
+                    or (buffered == 1 and self._batch_of_many)
+                    or (not buffered and self._wrote)
+                ):
+                    # Every commit_interval, before the last record of a batch,
+                    # and before fetching after a dead letter or a retry copy.
+                    # The buffer may change while the commit is awaited (a
+                    # revocation): look again.
+                    await self._flush()
+                    continue
+            if not buffered:
                 timeout_ms = self._release_due()
+                if due_in is not None:  # come back when the settled records are due
+                    timeout_ms = min(timeout_ms, math.ceil(due_in * 1000))
                 try:
                     batches = await self._consumer.getmany(timeout_ms=timeout_ms)
                 except ConsumerStoppedError:
@@ -985,9 +1098,12 @@ class TrustedKafkaConsumer:
                         await self._isolate_undecodable()
                     except ConsumerStoppedError:
                         return None
+                    self._batch_of_many = len(self._buffer) > 1
                     continue
                 for records in batches.values():
                     self._buffer.extend(records)
+                self._batch_of_many = len(self._buffer) > 1
+                continue
             record = self._buffer.popleft()
             if not await self._hold(record):
                 return record
@@ -1095,10 +1211,12 @@ class TrustedKafkaConsumer:
         fetched batch, so a name that is not UTF-8 makes every ``getmany``
         that reaches the record raise, before the record can be returned.
         Called with an empty buffer, i.e. every record returned so far is
-        settled and committed:
+        settled:
 
-        1. Every assigned partition is moved back to its committed offset (to
-           its beginning when nothing is committed): the failed ``getmany``
+        1. Every assigned partition is moved back to the offset after its last
+           settled record, or when none was settled since it was assigned, to
+           its committed offset (to its beginning when nothing is
+           committed): the failed ``getmany``
            may have advanced partitions whose records it then lost with the
            exception. Records are delivered again rather than skipped.
         2. Each partition is fetched on its own; records are buffered as
@@ -1118,7 +1236,9 @@ class TrustedKafkaConsumer:
         """
         partitions = sorted(self._consumer.assignment())
         for tp in partitions:
-            committed = await self._consumer.committed(tp)
+            committed = self._settled_up_to.get(tp)
+            if committed is None:
+                committed = await self._consumer.committed(tp)
             with contextlib.suppress(IllegalStateError):
                 if committed is None:
                     await self._consumer.seek_to_beginning(tp)
@@ -1156,12 +1276,21 @@ class TrustedKafkaConsumer:
                 if not (one_at_a_time and records):
                     break
 
+    def _route(self, topic: str) -> tuple[str, str]:
+        """Where records of ``topic`` are consumed from (``kafka:<topic>``)
+        and the destination they must have been signed for
+        (:func:`signed_kafka_destination`); computed once per topic."""
+        route = self._routes.get(topic)
+        if route is None:
+            route = (kafka_destination(topic), signed_kafka_destination(topic, self._bases))
+            self._routes[topic] = route
+        return route
+
     def _base_topic(self, topic: str) -> str:
         """The subscribed topic a record of ``topic`` belongs to: ``t`` for
         ``t.retry`` (and ``t.dlq``) when ``t`` is subscribed, else ``topic``
         itself (the topic of :func:`signed_kafka_destination`)."""
-        destination = signed_kafka_destination(topic, self._bases)
-        return destination[len("kafka:") :]
+        return self._route(topic)[1][len("kafka:") :]
 
     def _first_of(self, record: Any) -> str:
         """``<topic>/<partition>/<offset>`` of the first record ``record`` was
@@ -1188,7 +1317,7 @@ class TrustedKafkaConsumer:
             aiokafka.errors.KafkaError: the dead letter could not be written
                 (see :meth:`_dead_letter`).
         """
-        source = kafka_destination(record.topic)
+        source, destination = self._route(record.topic)
         if isinstance(record, _Undecodable):
             rejection = Rejection(Reason.MALFORMED, UNDECODABLE_DETAIL, source, self.group_id)
             await self._send_stub(record, rejection, None)
@@ -1214,7 +1343,6 @@ class TrustedKafkaConsumer:
         wire: WireEvent | None = None
         try:
             wire = decode_record(record.headers, record.value)
-            destination = signed_kafka_destination(record.topic, self._bases)
             admitted = await self.admission.admit(wire, destination, delivery)
         except TrustError as error:
             if wire is None:  # refused before admission saw it
@@ -1333,6 +1461,7 @@ class TrustedKafkaConsumer:
         """
         if key is not None or value is not None:
             await self._dlq.send_and_wait(topic, value=value, key=key, headers=headers)
+            self._wrote = True
             return
         # aiokafka's send() refuses a record with neither key nor value; a batch
         # carries it unchanged, but a batch's first record skips the size check.
@@ -1348,23 +1477,92 @@ class TrustedKafkaConsumer:
         partitions = sorted(await self._dlq.partitions_for(topic))
         future = await self._dlq.send_batch(batch, topic, partition=partitions[0])
         await future
+        self._wrote = True
 
-    async def _commit_handled(self, record: Any) -> None:
-        await self._commit(record)
+    def _done_handled(self, record: Any) -> None:
+        self._done(record)
         self.stats.handled += 1
 
-    async def _commit(self, record: Any) -> None:
-        """Commit the offset after ``record``; a lost partition only means redelivery."""
-        tp = TopicPartition(record.topic, record.partition)
+    def _done(self, record: Any) -> None:
+        """``record`` is settled (handled, its retry copy acknowledged, skipped
+        or dead-lettered): the next coalesced commit (:meth:`_flush`) covers it.
+
+        Records of a partition are settled in offset order, one at a time, so
+        the offset after the last settled one is the highest contiguous one.
+        """
+        self._settled_up_to[TopicPartition(record.topic, record.partition)] = record.offset + 1
+        self._dirty = True
+
+    async def _flush(self, partitions: set[Any] | None = None) -> None:
+        """Commit the settled offsets not sent yet (of ``partitions`` only, when
+        given), in one request, and wait for the broker's answer.
+
+        Commits are serialised, so they reach the broker in order. A commit
+        refused because a rebalance moved a partition (``CommitFailedError``,
+        ``IllegalStateError``) is counted and logged, not raised: the new owner
+        delivers again what was not committed (see :meth:`_send_commit`).
+
+        Raises:
+            aiokafka.errors.KafkaError: any other failure; the offsets are
+                not taken as sent, the next flush sends them again.
+        """
+        async with self._commit_lock:
+            offsets = {
+                tp: offset
+                for tp, offset in self._settled_up_to.items()
+                if self._sent.get(tp) != offset and (partitions is None or tp in partitions)
+            }
+            if not offsets:
+                self._dirty = partitions is not None and self._has_unsent()
+                return
+            before = {tp: self._sent.get(tp) for tp in offsets}
+            self._sent.update(offsets)
+            self._dirty = self._has_unsent()
+            self._wrote = False
+            self._last_commit = time.monotonic()
+            try:
+                await self._send_commit(offsets)
+            except BaseException:
+                for tp, offset in before.items():
+                    if offset is None:
+                        self._sent.pop(tp, None)
+                    else:
+                        self._sent[tp] = offset
+                self._dirty = True
+                raise
+
+    def _has_unsent(self) -> bool:
+        sent = self._sent
+        return any(sent.get(tp) != offset for tp, offset in self._settled_up_to.items())
+
+    async def _send_commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """One commit request; a partition this member no longer owns only means redelivery.
+
+        aiokafka refuses the whole request (``IllegalStateError``) when one of
+        its partitions is not assigned any more: the partitions are then
+        committed one by one, so the others still are.
+        """
         try:
-            await self._consumer.commit({tp: record.offset + 1})
-        except (CommitFailedError, IllegalStateError) as exc:
-            # The partition moved to another member: it resumes from the last
-            # committed offset and delivers this record again (not lost).
-            self.stats.commit_failures += 1
-            log.warning(
-                "commit of %s@%d refused (%s); it will be redelivered", tp, record.offset, exc
-            )
+            await self._consumer.commit(offsets)
+        except IllegalStateError as exc:
+            if len(offsets) > 1:
+                for tp, offset in offsets.items():
+                    await self._send_commit({tp: offset})
+                return
+            self._refused(offsets, exc)
+        except CommitFailedError as exc:
+            self._refused(offsets, exc)
+
+    def _refused(self, offsets: dict[TopicPartition, int], exc: BaseException) -> None:
+        # The partition moved to another member: it resumes from the last
+        # committed offset and delivers these records again (not lost).
+        self.stats.commit_failures += 1
+        log.warning(
+            "commit of %s refused (%s); the records after the last committed offset "
+            "will be redelivered",
+            ", ".join(f"{tp.topic}:{tp.partition}@{offset}" for tp, offset in offsets.items()),
+            exc,
+        )
 
     def _rewind(self, record: Any) -> None:
         """Deliver ``record`` again: forget what was buffered after it, seek back."""
@@ -1392,18 +1590,31 @@ class TrustedKafkaConsumer:
             self._released.pop(tp, None)
 
     async def _settle(self, partitions: set[Any]) -> None:
-        """Wait (at most :data:`REVOKE_GRACE` seconds) for the record :meth:`run`
-        is settling, if it is on a revoked partition, so that its commit
-        lands before the partition moves; past the grace the commit fails and
-        the new owner delivers the record again."""
-        if self._settling is None or self._settling not in partitions:
-            return
+        """Before revoked partitions move: wait for the record :meth:`run` is
+        settling, if it is on one of them, then commit their settled offsets
+        (both within :data:`REVOKE_GRACE` seconds), then forget those offsets.
+        Past the grace, or if the commit fails, the new owner delivers again
+        what was not committed. Never raises."""
         try:
             async with asyncio.timeout(REVOKE_GRACE):
-                await self._settled.wait()
+                if self._settling is not None and self._settling in partitions:
+                    await self._settled.wait()
+                if not self._stopped:
+                    await self._flush(partitions)
         except TimeoutError:
             log.warning(
-                "%s was revoked while a record was still being handled; the new owner "
-                "will deliver it again",
-                self._settling,
+                "%s was revoked while a record was still being handled or committed; the "
+                "new owner will deliver again what was not committed",
+                ", ".join(sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)),
             )
+        except KafkaError as exc:
+            log.warning(
+                "commit on revocation failed (%s); the new owner will deliver again what "
+                "was not committed",
+                exc,
+            )
+        finally:
+            for tp in partitions:
+                self._settled_up_to.pop(tp, None)
+                self._sent.pop(tp, None)
+            self._dirty = self._has_unsent()

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 from cloudevents.core.v1.event import CloudEvent
 
 from trusthop.bindings.kafka import encode_kafka
-from trusthop.chain import OriginRing, decode_chain
+from trusthop.chain import OriginRing
 from trusthop.destination import kafka_destination
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent, wire_value
@@ -144,11 +144,9 @@ class TrustedKafkaProducer:
             scope=scope,
             peer=peer,
         )
-        if wire.chain is not None:
-            # The consumer's bounds, checked by the core's own decoder.
-            decode_chain(
-                wire.chain, max_bytes=self.limits.max_bytes, max_rings=self.limits.max_rings
-            )
+        # The signer appended one hop ring to the origin or to the parent's chain.
+        rings = 2 if parent is None else len(parent.chain.hops) + 2
+        self._check_limits(wire.chain, rings)
         headers, value = encode_kafka(wire, structured=self.structured)
         key_bytes = _key_bytes(key, wire)
         # Kafka has no "CloudEvent without data": an empty value decodes to no data.
@@ -161,6 +159,27 @@ class TrustedKafkaProducer:
                 f"the budget is {self.max_message_bytes}",
             )
         return KafkaRecord(topic, key_bytes, body, headers)
+
+    def _check_limits(self, chain: str | None, rings: int) -> None:
+        """Refuse a sealed chain that consumers with :attr:`limits` reject
+        before decoding it: the same bounds, reasons and messages as
+        :func:`~trusthop.chain.decode_chain`, taken from the encoded text's
+        length and the ring count, without decoding the chain just built.
+
+        Raises:
+            TrustError: ``too_large`` (more characters than ``max_bytes``) or
+                ``depth_exceeded`` (more rings, the origin included, than
+                ``max_rings``).
+        """
+        limits = self.limits
+        if chain is not None and len(chain) > limits.max_bytes:
+            raise TrustError(
+                Reason.TOO_LARGE, f"chain is {len(chain)} bytes, the limit is {limits.max_bytes}"
+            )
+        if rings > limits.max_rings:
+            raise TrustError(
+                Reason.DEPTH_EXCEEDED, f"chain has {rings} rings, the limit is {limits.max_rings}"
+            )
 
     async def send(
         self,
