@@ -46,7 +46,7 @@ class Mode:
     rss_events: int
 
 
-QUICK = Mode("quick", rounds=5, batch_seconds=0.03, broker_rounds=3, broker_count=600,
+QUICK = Mode("quick", rounds=5, batch_seconds=0.03, broker_rounds=3, broker_count=1500,
              rss_events=20_000)  # fmt: skip
 FULL = Mode("full", rounds=11, batch_seconds=0.12, broker_rounds=7, broker_count=3000,
             rss_events=RSS_FULL_EVENTS)  # fmt: skip

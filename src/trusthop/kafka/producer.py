@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 from cloudevents.core.v1.event import CloudEvent
 
 from trusthop.bindings.kafka import encode_kafka
-from trusthop.chain import OriginRing
+from trusthop.chain import OriginRing, check_chain_text
 from trusthop.destination import kafka_destination
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent, wire_value
@@ -121,11 +121,14 @@ class TrustedKafkaProducer:
         scope: Iterable[str] | None = None,
         peer: str | None = None,
         key: bytes | str | None = None,
+        consumed_event_id: str | None = None,
     ) -> KafkaRecord:
         """The record :meth:`send` would publish (no I/O).
 
         The hop ring names ``kafka:<topic>``. ``key`` defaults to the event's
-        ``partitionkey`` extension when it has one.
+        ``partitionkey`` extension when it has one. ``consumed_event_id``
+        also records the parent event's id in the new ring (see
+        :meth:`~trusthop.pipeline.ChainSigner.seal`).
 
         Raises:
             TrustError: ``scope_escalation``, ``expired``,
@@ -143,10 +146,9 @@ class TrustedKafkaProducer:
             parent=parent,
             scope=scope,
             peer=peer,
+            consumed_event_id=consumed_event_id,
         )
-        # The signer appended one hop ring to the origin or to the parent's chain.
-        rings = 2 if parent is None else len(parent.chain.hops) + 2
-        self._check_limits(wire.chain, rings)
+        self._check_limits(wire.chain)
         headers, value = encode_kafka(wire, structured=self.structured)
         key_bytes = _key_bytes(key, wire)
         # Kafka has no "CloudEvent without data": an empty value decodes to no data.
@@ -160,26 +162,17 @@ class TrustedKafkaProducer:
             )
         return KafkaRecord(topic, key_bytes, body, headers)
 
-    def _check_limits(self, chain: str | None, rings: int) -> None:
+    def _check_limits(self, chain: str | None) -> None:
         """Refuse a sealed chain that consumers with :attr:`limits` reject
-        before decoding it: the same bounds, reasons and messages as
-        :func:`~trusthop.chain.decode_chain`, taken from the encoded text's
-        length and the ring count, without decoding the chain just built.
+        before decoding it, with the core's own check of the encoded text
+        (its length and ring count; nothing is decoded).
 
         Raises:
-            TrustError: ``too_large`` (more characters than ``max_bytes``) or
-                ``depth_exceeded`` (more rings, the origin included, than
-                ``max_rings``).
+            TrustError: ``too_large`` or ``depth_exceeded``.
         """
-        limits = self.limits
-        if chain is not None and len(chain) > limits.max_bytes:
-            raise TrustError(
-                Reason.TOO_LARGE, f"chain is {len(chain)} bytes, the limit is {limits.max_bytes}"
-            )
-        if rings > limits.max_rings:
-            raise TrustError(
-                Reason.DEPTH_EXCEEDED, f"chain has {rings} rings, the limit is {limits.max_rings}"
-            )
+        if chain is not None:
+            limits = self.limits
+            check_chain_text(chain, max_bytes=limits.max_bytes, max_rings=limits.max_rings)
 
     async def send(
         self,
@@ -193,6 +186,7 @@ class TrustedKafkaProducer:
         key: bytes | str | None = None,
         partition: int | None = None,
         timestamp_ms: int | None = None,
+        consumed_event_id: str | None = None,
     ) -> asyncio.Future[Any]:
         """Seal and enqueue ``event``; returns aiokafka's future of ``RecordMetadata``.
 
@@ -206,7 +200,14 @@ class TrustedKafkaProducer:
             aiokafka.errors.KafkaError: from aiokafka (e.g. a timeout).
         """
         record = self.seal(
-            topic, event, origin=origin, parent=parent, scope=scope, peer=peer, key=key
+            topic,
+            event,
+            origin=origin,
+            parent=parent,
+            scope=scope,
+            peer=peer,
+            key=key,
+            consumed_event_id=consumed_event_id,
         )
         future: asyncio.Future[Any] = await self._producer.send(
             record.topic,
@@ -230,6 +231,7 @@ class TrustedKafkaProducer:
         key: bytes | str | None = None,
         partition: int | None = None,
         timestamp_ms: int | None = None,
+        consumed_event_id: str | None = None,
     ) -> Any:
         """:meth:`send`, then wait for the broker: returns aiokafka's ``RecordMetadata``.
 
@@ -247,6 +249,7 @@ class TrustedKafkaProducer:
             key=key,
             partition=partition,
             timestamp_ms=timestamp_ms,
+            consumed_event_id=consumed_event_id,
         )
         return await future
 
