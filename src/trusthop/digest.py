@@ -142,7 +142,13 @@ def canonical_time(value: str | datetime) -> str:
         if value.tzinfo is None:
             raise TrustError(Reason.MALFORMED, "'time' has no UTC offset")
         moment = value.astimezone(UTC)
-        fraction = f"{moment.microsecond:06d}".rstrip("0")
+        fraction = f"{moment.microsecond:06d}".rstrip("0") if moment.microsecond else ""
+        if moment.year >= 1000:  # the common case, formatted directly
+            text = (
+                f"{moment.year}-{moment.month:02d}-{moment.day:02d}T"
+                f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
+            )
+            return f"{text}.{fraction}Z" if fraction else f"{text}Z"
         moment = moment.replace(microsecond=0)
     else:
         if not isinstance(value, str):

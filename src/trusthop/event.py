@@ -99,8 +99,17 @@ class WireEvent:
 
     @classmethod
     def from_cloudevent(cls, event: CloudEvent, chain: str | None = None) -> WireEvent:
-        """The wire form of an SDK event (any ``trustchain`` on it is dropped)."""
+        """The wire form of an SDK event (any ``trustchain`` on it is dropped;
+        ``time`` becomes its canonical text, as it travels).
+
+        Raises:
+            TrustError(malformed): ``time`` without a UTC offset, or data
+                that JSON cannot represent.
+        """
         attributes = {k: v for k, v in event.get_attributes().items() if k != CHAIN_ATTRIBUTE}
+        moment = attributes.get("time")
+        if moment is not None:
+            attributes["time"] = canonical_time(moment)
         data = event.get_data()
         if data is not None and not isinstance(data, bytes | str):
             attributes.setdefault("datacontenttype", "application/json")
