@@ -278,10 +278,11 @@ class ChainVerifier:
             consults it; :meth:`verify` refuses to run when one is set.
         pdp_timeout: seconds the PDP may take; longer fails closed with
             ``pdp_unavailable``.
-        cache_size: verified signatures remembered
+        cache_size: verified chains remembered, each with its prefix
             (:class:`~trusthop.sigcache.SignatureCache`), so fan-out and
-            shared chain prefixes pay for each signature once; ``0`` turns
-            the cache off. Replacing ``bundle`` or ``policy`` clears it.
+            shared chain prefixes pay for each signature once and are not
+            decoded again; ``0`` turns the cache off. Replacing ``bundle``
+            or ``policy`` clears it.
 
     Every decision taken with a policy or a PDP (allow and deny) is logged
     as one JSON line on ``trusthop.decisions``

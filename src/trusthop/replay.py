@@ -181,8 +181,8 @@ class Sighting:
 def sighting_key(scope: str, chain: Chain) -> str:
     """The store key for ``chain``'s newest ring in consumer ``scope``.
 
-    The newest ring's hash covers its signature and names its parent's hash,
-    so one key stands for the whole chain. ``scope`` names the consumer group
+    The newest ring's hash covers its signature and the hash of every ring
+    before it, so one key stands for the whole chain. ``scope`` names the consumer group
     or queue (``kafka/<group>``, ``amqp/<queue>``); it is hashed in, so any
     text is safe.
     """
