@@ -422,12 +422,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
         finally:
             await bus.close()
 
-    report = asyncio.run(main())
+    try:
+        report = asyncio.run(main())
+    except Exception as exc:
+        if args.kafka is not None and _unreachable(exc):
+            raise UsageError(
+                f"cannot reach the brokers (Kafka {args.kafka}, RabbitMQ "
+                f"{_without_password(args.amqp)}): {type(exc).__name__}: {exc}"
+            ) from None
+        raise
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print_report(report, sys.stdout)
     return EXIT_OK if report.ok else EXIT_REJECTED
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A broker that does not answer or refuses the login (not a demo failure)."""
+    if isinstance(exc, OSError | TimeoutError):
+        return True
+    from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+    from aiormq.exceptions import AMQPConnectionError
+
+    return isinstance(exc, KafkaConnectionError | KafkaTimeoutError | AMQPConnectionError)
+
+
+def _without_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    user, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    return f"{scheme}://{user.partition(':')[0]}:***@{host}"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -459,7 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="sign as this X.509-SVID (leaf then intermediates; --key is its key)",
     )
     p.add_argument("--dest", required=True, help="destination, e.g. kafka:orders")
-    p.add_argument("--scope", action="append", default=[], metavar="S")
+    p.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        metavar="S",
+        help="a scope entry of the new ring (repeat for several; a hop keeps its parent's "
+        "scope when none is given)",
+    )
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--subject", help="mint an origin ring for this subject")
     who.add_argument("--parent", metavar="PARENT.json", help="append to this event's chain")

@@ -321,7 +321,7 @@ class ChainVerifier:
 
     @property
     def bundle(self) -> TrustBundle | BundleSource:
-        """The trust bundle (or its source); assigning clears the signature cache."""
+        """The trust bundle (or its source); assigning clears the verified-prefix cache."""
         return self._bundle
 
     @bundle.setter
@@ -332,7 +332,7 @@ class ChainVerifier:
 
     @property
     def policy(self) -> Policy | PolicySource | None:
-        """The policy (or its source); assigning clears the signature cache."""
+        """The policy (or its source); assigning clears the verified-prefix cache."""
         return self._policy
 
     @policy.setter

@@ -37,8 +37,8 @@ Delivery semantics (:data:`DELIVERY_SCENARIOS`), each message handled once:
   queue and handled once, on attempt 2.
 * ``broadcast``: the tracking events are read by two consumer groups; each
   verifies and handles each event once. Each group's verification finds
-  every ring already checked in this process (the signature cache): the
-  chain prefix of one parent is verified once per process, however many
+  the chain already checked in this process (the verified-prefix cache):
+  the chain prefix of one parent is verified once per process, however many
   derived events and consumers share it.
 
 Consumers accept origin rings from the gateway only: a compromised inventory

@@ -10,6 +10,7 @@ code a consumer would give.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Self
@@ -86,9 +87,19 @@ class TrustedKafkaProducer:
         return self._producer
 
     async def start(self) -> None:
-        """Start the owned aiokafka producer (connects, fetches metadata)."""
+        """Start the owned aiokafka producer (connects, fetches metadata).
+
+        Raises:
+            aiokafka.errors.KafkaError: from aiokafka (the owned producer is
+                stopped again first, so nothing is left open).
+        """
         if self._owned:
-            await self._producer.start()
+            try:
+                await self._producer.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self._producer.stop()
+                raise
 
     async def stop(self) -> None:
         """Flush and stop the owned aiokafka producer."""
