@@ -265,3 +265,20 @@ class _Signer:
 
     def __init__(self, key: Any, kid: str, actor: str = ORDERS_ID) -> None:
         self.key, self.kid, self.actor = key, kid, actor
+
+
+def test_a_bundle_cannot_be_changed_in_place() -> None:
+    # Verifiers cache what a bundle object said (the verified-prefix cache
+    # skips key checks for the very bundle object an entry was judged
+    # against), so none of its maps may change under them.
+    from chainkit import BUNDLE
+
+    bundle = dataclasses.replace(BUNDLE, authorities={"prod.example.com": ()})
+    for name in ("keys", "authorities", "jwt_authorities", "sequence", "refresh_hint"):
+        mapping = getattr(bundle, name)
+        with pytest.raises(TypeError):
+            mapping["x"] = None  # type: ignore[index]
+    source = {"prod.example.com": ()}
+    copied = dataclasses.replace(BUNDLE, authorities=source)
+    source["other.example.org"] = ()
+    assert "other.example.org" not in copied.authorities

@@ -35,6 +35,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from cryptography import x509
@@ -108,6 +109,13 @@ class TrustBundle:
         )
 
     def __post_init__(self) -> None:
+        # Read-only views: verifiers cache what a bundle object said, so the
+        # object must not change under them.
+        setter = object.__setattr__
+        for name in ("keys", "authorities", "jwt_authorities", "sequence", "refresh_hint"):
+            value = getattr(self, name)
+            if not isinstance(value, MappingProxyType):
+                setter(self, name, MappingProxyType(dict(value)))
         _one_actor_per_key(self.keys.values())  # however the bundle was built
         # Rings name their key by (actor, key tag); both lookups are indexed
         # once per bundle, and so is each keyed actor's revocation.
@@ -125,7 +133,6 @@ class TrustBundle:
                 )
             else:  # one key under two ids: the stricter entry counts
                 index[slot] = _stricter(first, entry)
-        setter = object.__setattr__
         setter(self, "_index", index)
         setter(self, "_by_key", {(e.key.alg, e.key.raw): e for e in index.values()})
         setter(self, "_actor_revoked", {e.actor: self._revoked(e.actor) for e in index.values()})

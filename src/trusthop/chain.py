@@ -780,7 +780,16 @@ class Chain:
         return self._tags
 
     def hashes(self) -> list[bytes]:
-        """Ring hashes, oldest first (each computed once per chain object)."""
+        """Ring hashes, oldest first (each computed once per chain object).
+
+        A new list each call: the chain object is shared (a verifier's cache
+        hands the same one to every message with the same text), so its own
+        list must not be changed by a caller.
+        """
+        return self._all_hashes()[:]
+
+    def _all_hashes(self) -> list[bytes]:
+        """The chain's own list of ring hashes, completed (never hand it out)."""
         hashes = self._hashes
         raw = self._raw
         if len(hashes) < len(raw):
@@ -795,7 +804,7 @@ class Chain:
         body = self._raw[index][SIGNATURE_BYTES:]
         if index == 0:
             return ORIGIN_DOMAIN + body
-        return HOP_DOMAIN + self.hashes()[index - 1] + body
+        return HOP_DOMAIN + self._all_hashes()[index - 1] + body
 
     def next_signing_input(self, hop: HopRing) -> bytes:
         """What ``hop``'s signature must cover to follow this chain's newest
@@ -804,7 +813,7 @@ class Chain:
         Raises:
             ValueError: as :func:`hop_body`.
         """
-        prev_hash = self.hashes()[-1]
+        prev_hash = self._all_hashes()[-1]
         return (
             HOP_DOMAIN + prev_hash + hop_body(hop, self.newest, self.origin.trust_domain, prev_hash)
         )
@@ -815,7 +824,7 @@ class Chain:
         ``body`` is the hop's body when the caller already encoded it (the
         signer did, to sign it); it is not checked against ``hop``.
         """
-        hashes = self.hashes()
+        hashes = self._all_hashes()
         if body is None:
             body = hop_body(hop, self.newest, self.origin.trust_domain, hashes[-1])
         raw = hop.signature + body

@@ -139,9 +139,14 @@ def canonical_time(value: str | datetime) -> str:
                 raise TrustError(Reason.MALFORMED, f"'time' is not a valid date: {exc}") from exc
             return value
     if isinstance(value, datetime):
-        if value.tzinfo is None:
+        # Aware means utcoffset() is not None: a tzinfo answering None would
+        # be read as the host's local time by astimezone().
+        if value.tzinfo is None or value.utcoffset() is None:
             raise TrustError(Reason.MALFORMED, "'time' has no UTC offset")
-        moment = value.astimezone(UTC)
+        try:
+            moment = value.astimezone(UTC)
+        except OverflowError as exc:  # as the text form of the same instant
+            raise TrustError(Reason.MALFORMED, "'time' is out of range") from exc
         fraction = f"{moment.microsecond:06d}".rstrip("0") if moment.microsecond else ""
         if moment.year >= 1000:  # the common case, formatted directly
             text = (

@@ -255,7 +255,10 @@ class AckBatcher(Generic[T]):
             below = [t for t in waiting if low is None or t < low]
             if below:
                 await self._send(window, below)
-        if force or not window.exclusive:
+        # Blocked by a delivery in progress (a slow handler): one by one, on
+        # the timer, or at once when ``limit`` of them wait, so that a slow
+        # handler never holds the prefetch window until the timer.
+        if force or not window.exclusive or len(window.pending) >= self.limit:
             for tag in waiting:  # blocked by a delivery in progress: one by one
                 if window.dead:
                     break
