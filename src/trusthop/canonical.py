@@ -128,9 +128,10 @@ def b64url_decode(text: str) -> bytes:
         EncodingError: on any character outside ``A-Za-z0-9-_``, a length that
             no encoding produces, or non-zero trailing bits.
     """
-    if not isinstance(text, str) or not text.isascii():
-        raise EncodingError("not unpadded base64url")
-    ascii_text = text.encode("ascii")
+    try:
+        ascii_text = text.encode("ascii")
+    except (UnicodeEncodeError, AttributeError):
+        raise EncodingError("not unpadded base64url") from None
     rest = len(ascii_text) % 4
     if rest == 1:
         raise EncodingError("not unpadded base64url")

@@ -69,6 +69,7 @@ MAX_TEXT = 1024
 MAX_X5C_CERTS = 4
 MAX_X5C_CERT_BYTES = 4096
 MAX_RING_BYTES = 20_000  # four maximal certificates and every text field at its limit
+_MAX_RING_CHARS = MAX_RING_BYTES * 4 // 3 + 2  # its unpadded base64url
 MAX_TIME = 2**40  # seconds since the epoch (or a duration); far beyond any real window
 _MAX_TIME = MAX_TIME
 _MAX_KEY_TAG = 0xFFFF
@@ -883,7 +884,7 @@ def ring_bytes(segment: str, index: int) -> bytes:
         TrustError(malformed): not strict unpadded base64url, or a ring too
             short to hold a signature or longer than ``MAX_RING_BYTES``.
     """
-    if len(segment) > MAX_RING_BYTES * 4 // 3 + 2:
+    if len(segment) > _MAX_RING_CHARS:
         raise _fail(f"ring {index}: longer than {MAX_RING_BYTES} bytes", index)
     try:
         data = b64url_decode(segment)
@@ -928,12 +929,28 @@ def decode_rings(text: str, known: Chain | None = None) -> Chain:
     """
     if known is not None:
         prefix = known.encode()
-        if len(text) == len(prefix) and text == prefix:
+        cut = len(prefix)
+        if len(text) == cut and text == prefix:
             return known
-        if not text.startswith(prefix) or text[len(prefix)] != ".":
+        if not text.startswith(prefix) or text[cut] != ".":
             raise ValueError("known is not a prefix of this chain")
         start = len(known._raw)
-        segments = text[len(prefix) + 1 :].split(".")
+        tail = text[cut + 1 :]
+        if "." not in tail:  # one new ring: the common case of a derived event
+            data = ring_bytes(tail, start)
+            hops = known.hops
+            hop, tag = decode_hop(
+                data, start, hops[-1] if hops else known.origin, known.origin.trust_domain
+            )
+            return _chain(
+                known.origin,
+                (*hops, hop),
+                (*known._raw, data),
+                known._hashes[:],
+                (*known._tags, tag),
+                text,
+            )
+        segments = tail.split(".")
         origin = known.origin
         prev: Ring = known.newest
         domain = origin.trust_domain

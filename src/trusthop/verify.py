@@ -387,12 +387,15 @@ def verify_with_keys(
 ) -> tuple[VerifiedContext, list[BundleKey]]:
     """:func:`verify_decoded`, also returning the bundle entry each ring's
     signature is checked under (what a cache of verified prefixes records)."""
-    rings = chain.rings
-    newest = rings[-1]
-    if not isinstance(newest, HopRing):
+    origin = chain.origin
+    hops = chain.hops
+    if not hops:
         # Structure (step 2) comes before any key lookup (step 3).
         raise TrustError(Reason.MALFORMED, "chain has an origin ring but no hop ring")
-    check_origin(rings[0], origin_actors=origin_actors, trust_domain=trust_domain)  # type: ignore[arg-type]
+    rings: tuple[Ring, ...] = (origin, *hops)
+    newest = hops[-1]
+    if origin_actors is not None or trust_domain is not None:
+        check_origin(origin, origin_actors=origin_actors, trust_domain=trust_domain)
     known = 0
     if verified is not None and len(verified.keys) <= len(rings):
         known = len(verified.keys)
@@ -427,7 +430,6 @@ def verify_with_keys(
             ring=len(rings) - 1,
         )
     check_window(newest, now, limits.leeway, limits.max_age)
-    origin = chain.origin
     context: VerifiedContext = _verified_context(
         origin.subject,
         origin.issuer,
