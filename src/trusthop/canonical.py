@@ -131,7 +131,9 @@ def b64url_decode(text: str) -> bytes:
     try:
         ascii_text = text.encode("ascii")
     except (UnicodeEncodeError, AttributeError):
-        raise EncodingError("not unpadded base64url") from None
+        ascii_text = None  # raised below: the error must not carry the text along
+    if ascii_text is None:
+        raise EncodingError("not unpadded base64url")
     rest = len(ascii_text) % 4
     if rest == 1:
         raise EncodingError("not unpadded base64url")

@@ -938,13 +938,16 @@ def decode_rings(text: str, known: Chain | None = None) -> Chain:
         tail = text[cut + 1 :]
         if "." not in tail:  # one new ring: the common case of a derived event
             data = ring_bytes(tail, start)
-            hops = known.hops
+            known_hops = known.hops
             hop, tag = decode_hop(
-                data, start, hops[-1] if hops else known.origin, known.origin.trust_domain
+                data,
+                start,
+                known_hops[-1] if known_hops else known.origin,
+                known.origin.trust_domain,
             )
             return _chain(
                 known.origin,
-                (*hops, hop),
+                (*known_hops, hop),
                 (*known._raw, data),
                 known._hashes[:],
                 (*known._tags, tag),
