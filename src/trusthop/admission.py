@@ -83,7 +83,7 @@ class Admission:
     """Verification and replay rules for one consumer group or queue.
 
     Args:
-        verifier: the chain verifier (its signature cache is shared by every
+        verifier: the chain verifier (its verified-prefix cache is shared by every
             admission that uses it).
         scope: names the consumer group or queue (``kafka/<group>``,
             ``amqp/<queue>``); sightings are kept per scope.

@@ -789,6 +789,10 @@ class Chain:
         """
         return self._all_hashes()[:]
 
+    def hash_at(self, index: int) -> bytes:
+        """The hash of ring ``index`` (negative counts from the newest)."""
+        return self._all_hashes()[index]
+
     def _all_hashes(self) -> list[bytes]:
         """The chain's own list of ring hashes, completed (never hand it out)."""
         hashes = self._hashes

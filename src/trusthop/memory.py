@@ -262,7 +262,7 @@ class MemoryConsumer:
             log is ``<destination>.retry``, its dead letters go to
             ``<destination>.dlq``.
         verifier: the chain verifier (share one between consumers of a
-            process: its signature cache then checks each ring once).
+            process: its verified-prefix cache then checks each chain once).
         group_id: the consumer group: committed offsets and the replay scope
             ``memory/<group_id>`` are per group.
         max_attempts: handler attempts per message before it is dead-lettered

@@ -8,7 +8,7 @@ Names (stable):
 * ``retried``: handler retries scheduled (Kafka retry topic, RabbitMQ retry queue);
 * ``replayed``: re-published copies caught (rejected or skipped);
 * ``duplicates``: copies skipped without the handler (``on_replay="skip"``);
-* ``cache_hits`` / ``cache_misses``: signature cache lookups.
+* ``cache_hits`` / ``cache_misses``: verified-prefix cache lookups (one per message).
 
 :class:`Counters` keeps them in memory (``as_dict()`` for a summary);
 :class:`PrometheusMetrics` exports them when ``prometheus_client`` is

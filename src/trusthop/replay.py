@@ -187,7 +187,7 @@ def sighting_key(scope: str, chain: Chain) -> str:
     text is safe.
     """
     digest = hashlib.sha256(_KEY_DOMAIN + scope.encode("utf-8", "surrogatepass") + b"\x00")
-    digest.update(chain.hashes()[-1])
+    digest.update(chain.hash_at(-1))
     return digest.hexdigest()
 
 

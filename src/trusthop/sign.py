@@ -324,7 +324,7 @@ def append_hop(
         raise TrustError(Reason.MALFORMED, f"ring {index}: event digest must be 32 bytes")
     new_scope = prev.scope if scope is None else _scope(scope)
     check_scope(prev, new_scope, index)  # the window narrows by construction
-    prev_hash = chain.hashes()[-1]
+    prev_hash = chain.hash_at(-1)
     actor, key_tag, x5c = identity.actor, identity._key_tag, identity.x5c
     body = hop_body_of(
         actor,

@@ -118,7 +118,7 @@ class VerifiedContext:
     @property
     def chain_digest(self) -> bytes:
         """Hash of the newest ring: identifies this exact chain."""
-        return self.chain.hashes()[-1]
+        return self.chain.hash_at(-1)
 
 
 _verified_context = positional_constructor(VerifiedContext)
@@ -305,7 +305,7 @@ def check_signature(chain: Chain, index: int, entry: BundleKey) -> None:
     ring = chain.origin if index == 0 else chain.hops[index - 1]
     if entry.key.verify(ring.signature, chain.signing_input(index)):
         return
-    if index and chain.link_tags[index] != link_tag(chain.hashes()[index - 1]):
+    if index and chain.link_tags[index] != link_tag(chain.hash_at(index - 1)):
         raise TrustError(
             Reason.BROKEN_LINK,
             f"ring {index} was signed after another ring than ring {index - 1}",

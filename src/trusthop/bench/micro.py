@@ -185,7 +185,7 @@ class Micro:
         return figures
 
     def verify_cold(self) -> list[Figure]:
-        """Verify a depth-d chain with an empty signature cache."""
+        """Verify a depth-d chain with an empty verified-prefix cache."""
         figures = []
         verifier = self.w.verifier()
         cache = SignatureCache()

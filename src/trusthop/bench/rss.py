@@ -2,12 +2,12 @@
 
 ``python -m trusthop.bench.rss EVENTS [verifier|admission]`` signs and
 verifies ``EVENTS`` distinct depth-3 events (each a new hop on one verified
-prefix, so every event puts a new entry in the signature cache, the worst
+prefix, so every event puts a new entry in the verified-prefix cache, the worst
 case for memory) and prints one JSON object: RSS after a warm-up of 1,000
 events, at the end, the growth between them, and the peak.
 
 ``verifier``: :class:`~trusthop.pipeline.ChainVerifier` with its default
-signature cache bound. ``admission``: the consumer path, an
+verified-prefix cache bound. ``admission``: the consumer path, an
 :class:`~trusthop.admission.Admission` with the wrappers' default
 :class:`~trusthop.stores.memory.MemoryReplayStore`, which keeps a sighting
 of every accepted event for at least ``remember`` seconds (a day) by design.

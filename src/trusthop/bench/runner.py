@@ -129,7 +129,7 @@ def _rss_figures(mode: Mode) -> list[Figure]:
         growth = float(result["growth_mb"])
         per_event = growth * 2**20 / max(int(result["events"]), 1)
         what = (
-            "ChainVerifier, default signature cache bound"
+            "ChainVerifier, default verified-prefix cache bound"
             if kind == "verifier"
             else "Admission + default MemoryReplayStore (keeps every sighting >= 1 day)"
         )
