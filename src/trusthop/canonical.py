@@ -15,6 +15,16 @@ from typing import Any
 
 import msgpack
 
+MSGPACK_ERRORS = (
+    ValueError,
+    TypeError,
+    msgpack.ExtraData,
+    msgpack.FormatError,
+    msgpack.StackError,
+    RecursionError,
+)
+"""What msgpack raises for bytes that are not msgpack (or too deep)."""
+
 
 class EncodingError(ValueError):
     """Bytes that are not the canonical encoding of an allowed value."""
@@ -87,14 +97,7 @@ def unpack_canonical(
         )
     except EncodingError:
         raise
-    except (
-        ValueError,
-        TypeError,
-        msgpack.ExtraData,
-        msgpack.FormatError,
-        msgpack.StackError,
-        RecursionError,
-    ) as exc:
+    except MSGPACK_ERRORS as exc:
         raise EncodingError(f"not valid msgpack ({type(exc).__name__})") from exc
     _check_plain(value, max_depth)
     # Re-encoding catches duplicate keys (collapsed on decode), unsorted keys,

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from trusthop.canonical import MSGPACK_ERRORS as _MSGPACK_ERRORS
 from trusthop.canonical import b64url_decode, b64url_encode
 from trusthop.errors import Reason, TrustError
 from trusthop.spiffe import SCHEME, is_spiffe_id, is_spiffe_path, validate_spiffe_id
@@ -473,16 +474,6 @@ def next_hash(prev_hash: bytes | None, ring_bytes: bytes) -> bytes:
 
 def _reject_ext(code: int, data: bytes) -> Any:
     raise ValueError("msgpack extension types are not allowed")
-
-
-_MSGPACK_ERRORS = (
-    ValueError,
-    TypeError,
-    msgpack.ExtraData,
-    msgpack.FormatError,
-    msgpack.StackError,
-    RecursionError,
-)
 
 
 def _shapes(required: frozenset[int], optional: frozenset[int]) -> frozenset[tuple[int, ...]]:

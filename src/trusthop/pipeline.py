@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 from cloudevents.core.v1.event import CloudEvent
 
@@ -447,31 +448,23 @@ class ChainVerifier:
         cache = self.signature_cache
         bundle = current_bundle(self._bundle)
         now = self._clock() if at is None else at
-        if cache is not None and not known:
-            context = cache.verify(
-                chain,
-                bundle=bundle,
-                event_digest=digest,
-                destination=destination,
-                now=now,
-                limits=self.limits,
-                event_id=wire.id,
-                origin_actors=self.origin_actors,
-                trust_domain=self.trust_domain,
-            )
-        else:
-            context = verify_decoded(
-                chain,
-                bundle=bundle,
-                event_digest=digest,
-                destination=destination,
-                now=now,
-                limits=self.limits,
-                event_id=wire.id,
-                origin_actors=self.origin_actors,
-                trust_domain=self.trust_domain,
-                check_signatures=not known,
-            )
+        # A known chain skips its signatures and is not remembered again.
+        check: Callable[..., VerifiedContext] = (
+            cache.verify
+            if cache is not None and not known
+            else partial(verify_decoded, check_signatures=not known)
+        )
+        context = check(
+            chain,
+            bundle=bundle,
+            event_digest=digest,
+            destination=destination,
+            now=now,
+            limits=self.limits,
+            event_id=wire.id,
+            origin_actors=self.origin_actors,
+            trust_domain=self.trust_domain,
+        )
         event = wire.to_cloudevent()
         source = self.policy  # read once: a concurrent swap cannot split a decision
         policy = current_policy(source)
