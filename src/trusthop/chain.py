@@ -72,7 +72,6 @@ MAX_X5C_CERT_BYTES = 4096
 MAX_RING_BYTES = 20_000  # four maximal certificates and every text field at its limit
 _MAX_RING_CHARS = MAX_RING_BYTES * 4 // 3 + 2  # its unpadded base64url
 MAX_TIME = 2**40  # seconds since the epoch (or a duration); far beyond any real window
-_MAX_TIME = MAX_TIME
 _MAX_KEY_TAG = 0xFFFF
 _MAX_ID = 2048  # bytes of a whole SPIFFE ID (ASCII)
 
@@ -84,7 +83,7 @@ class OriginRing:
     ``credential_hash`` is the SHA-256 of the original credential (the user's
     token); the credential itself is never part of a ring. ``key_tag``
     selects which of the actor's bundled keys signed (see
-    :func:`trusthop.keys.key_tag`); ``x5c``, when set instead, is the
+    :attr:`trusthop.keys.PublicKey.key_tag`); ``x5c``, when set instead, is the
     signer's X.509-SVID chain (DER certificates, leaf first, no root) and
     the ring's key is the leaf's. The trust domain of the whole chain is the
     actor's.
@@ -235,7 +234,7 @@ def _read_hash(m: dict[Any, Any], key: int, index: int, what: str) -> bytes:
 
 def _read_uint(m: dict[Any, Any], key: int, index: int, what: str) -> int:
     value = m[key]
-    if type(value) is not int or not 0 <= value < _MAX_TIME:
+    if type(value) is not int or not 0 <= value < MAX_TIME:
         raise _fail(f"ring {index}: {what} must be an integer in [0, 2**40)", index)
     return value
 
@@ -410,7 +409,7 @@ def hop_body_of(
         out[K_SCOPE] = sorted(scope)
     if x5c is not None:
         out[K_X5C] = list(x5c)
-    out[K_LINK] = int.from_bytes(prev_hash[:2], "big")
+    out[K_LINK] = link_tag(prev_hash)
     out[K_EVENT] = event_digest
     out[K_DEST] = destination
     if consumed_event_id is not None:
@@ -448,16 +447,6 @@ def new_hop_ring(
         signature,
         x5c,
     )
-
-
-def origin_signing_input(body: bytes) -> bytes:
-    """What the origin's signature covers."""
-    return ORIGIN_DOMAIN + body
-
-
-def hop_signing_input(prev_hash: bytes, body: bytes) -> bytes:
-    """What a hop ring's signature covers: the previous ring's hash and its body."""
-    return HOP_DOMAIN + prev_hash + body
 
 
 def next_hash(prev_hash: bytes | None, ring_bytes: bytes) -> bytes:
@@ -572,7 +561,7 @@ def decode_origin(data: bytes) -> OriginRing:
         key_tag, x5c = _read_key(m, 0)
     iat, ttl = m[K_IAT], m[K_TTL]
     if not (
-        type(iat) is int and type(ttl) is int and 0 <= iat < _MAX_TIME and 0 <= ttl < _MAX_TIME
+        type(iat) is int and type(ttl) is int and 0 <= iat < MAX_TIME and 0 <= ttl < MAX_TIME
     ):
         _read_uint(m, K_IAT, 0, "iat")
         _read_uint(m, K_TTL, 0, "ttl")
@@ -652,7 +641,7 @@ def decode_hop(data: bytes, index: int, prev: Ring, trust_domain: str) -> tuple[
     else:
         key_tag, x5c = _read_key(m, index)
     delta = m[K_IAT]
-    if type(delta) is not int or not 0 <= delta < _MAX_TIME:
+    if type(delta) is not int or not 0 <= delta < MAX_TIME:
         raise _fail(f"ring {index}: iat must be an integer in [0, 2**40)", index)
     iat = prev.iat + delta
     exp = iat + _read_uint(m, K_TTL, index, "ttl") if K_TTL in m else prev.exp
@@ -830,7 +819,7 @@ class Chain:
             (*self.hops, hop),
             (*self._raw, raw),
             hashes[:],  # the new ring's hash is computed when asked for
-            (*self._tags, int.from_bytes(hashes[-1][:2], "big")),  # its link tag
+            (*self._tags, link_tag(hashes[-1])),
             None if text is None else f"{text}.{b64url_encode(raw)}",
         )
 
@@ -888,18 +877,6 @@ def ring_bytes(segment: str, index: int) -> bytes:
     if len(data) <= SIGNATURE_BYTES:
         raise _fail(f"ring {index}: too short for a signature and a body", index)
     return data
-
-
-def split_chain(text: str, *, max_bytes: int, max_rings: int) -> list[bytes]:
-    """The bytes of each ring of a ``trustchain`` value, oldest first
-    (:func:`check_chain_text` first).
-
-    Raises:
-        TrustError: ``too_large``, ``depth_exceeded`` or ``malformed``.
-    """
-    check_chain_text(text, max_bytes=max_bytes, max_rings=max_rings)
-    segments = text[len(CHAIN_PREFIX) :].split(".")
-    return [ring_bytes(segment, index) for index, segment in enumerate(segments)]
 
 
 def decode_chain(text: str, *, max_bytes: int, max_rings: int) -> Chain:

@@ -270,20 +270,6 @@ def check_origin(
         )
 
 
-def check_keys(
-    chain: Chain,
-    bundle: TrustBundle,
-    *,
-    origin_actors: frozenset[str] | None = None,
-    trust_domain: str | None = None,
-    start: int = 0,
-) -> list[BundleKey]:
-    """Step 3 of the module contract: the keys of rings ``start`` onwards,
-    oldest first (the origin requirements always)."""
-    check_origin(chain.origin, origin_actors=origin_actors, trust_domain=trust_domain)
-    return _ring_keys(chain.rings, bundle, start)
-
-
 def _ring_keys(rings: tuple[Ring, ...], bundle: TrustBundle, start: int) -> list[BundleKey]:
     out = []
     for index in range(start, len(rings)):
@@ -312,11 +298,6 @@ def check_signature(chain: Chain, index: int, entry: BundleKey) -> None:
             ring=index,
         )
     raise TrustError(Reason.BAD_SIGNATURE, f"ring {index}: signature does not verify", ring=index)
-
-
-def check_links(chain: Chain, start: int = 1) -> None:
-    """Step 5: every ring from ``start`` on names its predecessor and only narrows."""
-    _check_links(chain, chain.rings, start)
 
 
 def _check_links(chain: Chain, rings: tuple[Ring, ...], start: int) -> None:
