@@ -301,7 +301,7 @@ async def test_a_message_redelivered_after_a_crash_is_a_redelivery_handled_once(
     assert first.counters["verified"] == 1 and first.stats.delivered == 0
     assert second.counters["redelivered"] == 1 and second.counters["verified"] == 1
     # Accepted without the signature checks: the second verifier's (empty)
-    # signature cache was never consulted.
+    # verified-prefix cache was never consulted.
     assert second.counters["cache_misses"] == 0 and second.counters["cache_hits"] == 0
     assert second.stats.delivered == 1 and second.stats.total_dead_lettered == 0
     assert await rabbit.counts(queue) == 0

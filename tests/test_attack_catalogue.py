@@ -231,7 +231,7 @@ assert ORDERS_ES.key_tag != ORDERS.key_tag  # one actor, two keys: two tags
 
 
 def verifier(bundle: TrustBundle = BUNDLE, **kwargs: Any) -> ChainVerifier:
-    """No signature cache: a cheap row must not pass because of a cache hit."""
+    """No verified-prefix cache: a cheap row must not pass because of a cache hit."""
     return ChainVerifier(bundle, clock=FixedClock(), cache_size=0, **kwargs)
 
 

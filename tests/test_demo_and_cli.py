@@ -229,7 +229,7 @@ def test_demo_human_output(capsys: pytest.CaptureFixture[str]) -> None:
         f"{counts['redeliveries']} redelivery(ies), {counts['retries']} retry(ies), "
         f"{counts['replays']} replay(s) caught"
     ) in out
-    assert "signature cache" in out
+    assert "verified-prefix cache" in out
 
 
 def test_demo_refuses_half_a_broker_configuration(capsys: pytest.CaptureFixture[str]) -> None:

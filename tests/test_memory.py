@@ -362,7 +362,7 @@ def test_each_group_verifies_a_broadcast_once_with_one_signature_check(
 ) -> None:
     broker = MemoryBroker()
     asyncio.run(_publish(broker, 1))
-    verifier = ChainVerifier(BUNDLE)  # one process: one signature cache
+    verifier = ChainVerifier(BUNDLE)  # one process: one verified-prefix cache
     checks: list[int] = []
     original = PublicKey.verify
 

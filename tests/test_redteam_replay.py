@@ -999,7 +999,7 @@ async def test_a_non_finite_clock_fails_closed_on_every_kind(
 
 
 # --------------------------------------------------------------------------- #
-# 10. the signature cache cannot be poisoned, and stays bounded
+# 10. the verified-prefix cache cannot be poisoned, and stays bounded
 # --------------------------------------------------------------------------- #
 
 

@@ -219,7 +219,7 @@ def test_memory_store_needs_room() -> None:
         MemoryReplayStore(0)
 
 
-# -- signature cache -----------------------------------------------------------
+# -- verified-prefix cache -----------------------------------------------------------
 
 def _cached(cache: SignatureCache, story: Story, bundle: TrustBundle = BUNDLE) -> Reason | None:
     """Verify ``story``'s chain through ``cache``: ``None`` or the rejection's reason."""

@@ -233,7 +233,7 @@ class DemoReport:
     counts: dict[str, int] = field(default_factory=dict)
     """Over all consumers: ``redeliveries``, ``retries``, ``replays``
     (rejected or skipped copies), ``cache_hits`` and ``cache_misses``
-    (signature cache), ``verified`` (accepted deliveries, any kind) and
+    (verified-prefix cache), ``verified`` (accepted deliveries, any kind) and
     ``dead_lettered``."""
 
     @property

@@ -56,7 +56,8 @@ def print_report(report: DemoReport, out: TextIO) -> None:
             f"{n.get('redeliveries', 0)} redelivery(ies), {n.get('retries', 0)} retry(ies), "
             f"{n.get('replays', 0)} replay(s) caught, "
             f"{n.get('verified', 0)} handler runs admitted (crashed and failed ones included); "
-            f"signature cache {n.get('cache_hits', 0)} hits / {n.get('cache_misses', 0)} misses "
+            f"verified-prefix cache {n.get('cache_hits', 0)} hits / "
+            f"{n.get('cache_misses', 0)} misses "
             "(a chain prefix verified once is not checked again in this process)\n"
         )
     audited = [d for d in report.delivered if d.consumer == "auditor"]
