@@ -45,11 +45,12 @@ from trusthop.bindings import decode_kafka, decode_structured, encode_amqp, enco
 from trusthop.bindings.structured import encode_structured
 from trusthop.bundle import TrustBundle
 from trusthop.canonical import b64url_decode, b64url_encode
-from trusthop.chain import HOP_DOMAIN, SIGNATURE_BYTES, Chain
+from trusthop.chain import Chain
 from trusthop.errors import TrustError
 from trusthop.event import WireEvent
 from trusthop.keys import SigningKey
 from trusthop.pipeline import ChainVerifier
+from trusthop.rings import HOP_DOMAIN, SIGNATURE_BYTES
 from trusthop.sign import Identity, append_hop, mint_origin
 
 MODES = ("rings", "chain-text", "kafka", "amqp-frame", "structured", "hop-body")

@@ -26,23 +26,20 @@ import pytest
 
 from trusthop.bundle import BundleKey, TrustBundle
 from trusthop.canonical import b64url_decode, b64url_encode, pack
-from trusthop.chain import (
+from trusthop.chain import Chain, HopRing, OriginRing, Ring
+from trusthop.digest import canonical_json
+from trusthop.errors import Reason, TrustError
+from trusthop.event import WireEvent
+from trusthop.keys import SigningKey
+from trusthop.rings import (
     HOP_DOMAIN,
     K_ACTOR,
     K_KEY,
     K_LINK,
     ORIGIN_DOMAIN,
     SIGNATURE_BYTES,
-    Chain,
-    HopRing,
-    OriginRing,
-    Ring,
     next_hash,
 )
-from trusthop.digest import canonical_json
-from trusthop.errors import Reason, TrustError
-from trusthop.event import WireEvent
-from trusthop.keys import SigningKey
 from trusthop.sign import Identity, append_hop, mint_origin
 from trusthop.spiffe import SCHEME
 from trusthop.verify import Limits, VerifiedContext, verify_chain

@@ -45,8 +45,9 @@ from chainkit import (
 
 from trusthop import chain as chain_module
 from trusthop.canonical import b64url_decode, b64url_encode, pack
-from trusthop.chain import (
-    CHAIN_PREFIX,
+from trusthop.chain import CHAIN_PREFIX, WIRE_VERSION, Chain, HopRing, decode_chain, decode_rings
+from trusthop.errors import Reason, TrustError
+from trusthop.rings import (
     K_ACR,
     K_ACTOR,
     K_AMR,
@@ -68,14 +69,8 @@ from trusthop.chain import (
     MAX_SCOPE_ENTRIES,
     MAX_TEXT,
     SIGNATURE_BYTES,
-    WIRE_VERSION,
-    Chain,
-    HopRing,
-    decode_chain,
-    decode_rings,
     link_tag,
 )
-from trusthop.errors import Reason, TrustError
 from trusthop.sign import append_hop, hash_credential, mint_origin
 
 R = Reason

@@ -815,8 +815,8 @@ def test_claim_limits_are_the_origin_ring_limits(claim: str, value: Any, fits: b
     from chainkit import build_story, ring_parts
 
     from trusthop.canonical import pack
-    from trusthop.chain import K_ACR, K_AMR, K_SCOPE, K_SUBJECT, decode_origin
     from trusthop.errors import TrustError
+    from trusthop.rings import K_ACR, K_AMR, K_SCOPE, K_SUBJECT, decode_origin
 
     payload = claims(**{claim: value})
     try:

@@ -42,14 +42,7 @@ from test_edge_kit import (
 from trusthop.bindings import decode_amqp, decode_kafka, encode_amqp, encode_kafka
 from trusthop.bundle import TrustBundle
 from trusthop.canonical import b64url_decode
-from trusthop.chain import (
-    K_TXN,
-    MAX_SCOPE_ENTRIES,
-    MAX_TEXT,
-    Chain,
-    OriginRing,
-    decode_origin,
-)
+from trusthop.chain import Chain, OriginRing
 from trusthop.edge import (
     JwksClient,
     origin_from_token,
@@ -60,6 +53,7 @@ from trusthop.edge import (
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
 from trusthop.pipeline import ChainSigner, ChainVerifier
+from trusthop.rings import K_TXN, MAX_SCOPE_ENTRIES, MAX_TEXT, decode_origin
 from trusthop.sign import hash_credential
 
 R = Reason

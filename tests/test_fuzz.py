@@ -40,7 +40,9 @@ from trusthop.bindings import (
     encode_kafka,
 )
 from trusthop.canonical import b64url_encode
-from trusthop.chain import (
+from trusthop.errors import TrustError
+from trusthop.event import WireEvent
+from trusthop.rings import (
     K_ACTOR,
     K_CONSUMED,
     K_DEST,
@@ -54,8 +56,6 @@ from trusthop.chain import (
     K_X5C,
     link_tag,
 )
-from trusthop.errors import TrustError
-from trusthop.event import WireEvent
 from trusthop.verify import verify_chain
 
 STORY = build_story()

@@ -58,11 +58,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trusthop.bundle import BundleKey, BundleSource, TrustBundle
-from trusthop.chain import K_IAT, K_LINK, K_TTL, Chain, check_chain_text, decode_chain
+from trusthop.chain import Chain, check_chain_text, decode_chain
 from trusthop.errors import Reason, TrustError
 from trusthop.keys import PublicKey, SigningKey
 from trusthop.pipeline import ChainVerifier
 from trusthop.policy.source import PolicySource
+from trusthop.rings import K_IAT, K_LINK, K_TTL
 from trusthop.sigcache import SignatureCache
 from trusthop.sign import Identity, append_hop, mint_origin
 from trusthop.verify import Limits, verify_chain

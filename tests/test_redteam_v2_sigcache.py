@@ -235,8 +235,8 @@ async def test_a_handler_extending_its_chains_hashes_does_not_open_a_replay() ->
     copy is then accepted as a first delivery (and events derived from the
     chain stop verifying). Cold (no cache) the copy is ``replayed``."""
     from trusthop.admission import Admission
-    from trusthop.chain import next_hash
     from trusthop.replay import DeliveryInfo
+    from trusthop.rings import next_hash
     from trusthop.stores import MemoryReplayStore
 
     text, event, destination = POOL[0]

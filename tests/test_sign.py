@@ -28,19 +28,19 @@ from chainkit import (
     wire_hashes,
 )
 
-from trusthop.chain import (
+from trusthop.chain import Chain
+from trusthop.errors import Reason, TrustError
+from trusthop.keys import SigningKey
+from trusthop.rings import (
     K_CONSUMED,
     K_KEY,
     K_SCOPE,
     K_TTL,
     K_TXN,
     ORIGIN_DOMAIN,
-    Chain,
     link_tag,
     origin_body,
 )
-from trusthop.errors import Reason, TrustError
-from trusthop.keys import SigningKey
 from trusthop.sign import (
     DEFAULT_HOP_TTL,
     DEFAULT_ORIGIN_TTL,

@@ -62,7 +62,11 @@ from chainkit import (
 from trusthop import chain as chain_module
 from trusthop.bundle import BundleKey, TrustBundle
 from trusthop.canonical import pack
-from trusthop.chain import (
+from trusthop.chain import Chain, HopRing, Ring, decode_chain
+from trusthop.destination import amqp_destination, kafka_destination
+from trusthop.errors import Reason, TrustError
+from trusthop.keys import PublicKey
+from trusthop.rings import (
     HOP_DOMAIN,
     K_ACTOR,
     K_IAT,
@@ -72,16 +76,9 @@ from trusthop.chain import (
     K_TTL,
     ORIGIN_DOMAIN,
     SIGNATURE_BYTES,
-    Chain,
-    HopRing,
-    Ring,
-    decode_chain,
     hop_body,
     link_tag,
 )
-from trusthop.destination import amqp_destination, kafka_destination
-from trusthop.errors import Reason, TrustError
-from trusthop.keys import PublicKey
 from trusthop.sigcache import SignatureCache
 from trusthop.sign import append_hop, mint_origin
 from trusthop.verify import (

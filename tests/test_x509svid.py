@@ -46,17 +46,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from trusthop.bundle import BundleKey, TrustBundle
 from trusthop.canonical import b64url_encode
-from trusthop.chain import (
-    K_KEY,
-    K_X5C,
-    Chain,
-    HopRing,
-    OriginRing,
-    decode_chain,
-)
+from trusthop.chain import Chain, HopRing, OriginRing, decode_chain
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
 from trusthop.keys import ES256, PublicKey, SigningKey
+from trusthop.rings import K_KEY, K_X5C
 from trusthop.sign import Identity, append_hop, mint_origin
 from trusthop.verify import Limits, VerifiedContext, verify_chain
 from trusthop.x509svid import SvidCache, check_leaf, validate_svid

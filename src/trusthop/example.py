@@ -14,10 +14,11 @@ from typing import Any
 from cloudevents.core.v1.event import CloudEvent
 
 from trusthop.canonical import pack
-from trusthop.chain import RING_HASH_DOMAIN, SIGNATURE_BYTES, Chain
+from trusthop.chain import Chain
 from trusthop.digest import signed_attributes
 from trusthop.event import WireEvent
 from trusthop.keys import SigningKey
+from trusthop.rings import RING_HASH_DOMAIN, SIGNATURE_BYTES
 from trusthop.sign import Identity, append_hop, mint_origin
 
 GATEWAY_SEED = bytes(range(32))

@@ -21,21 +21,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from trusthop.bundle import BundleKey
-from trusthop.chain import (
+from trusthop.chain import Chain, OriginRing
+from trusthop.errors import Reason, TrustError
+from trusthop.keys import SigningKey
+from trusthop.rings import (
     HOP_DOMAIN,
     MAX_SCOPE_ENTRIES,
     MAX_TIME,
     ORIGIN_DOMAIN,
-    Chain,
-    OriginRing,
     hop_body_of,
     new_hop_ring,
     origin_body,
     scope_problem,
     text_problem,
 )
-from trusthop.errors import Reason, TrustError
-from trusthop.keys import SigningKey
 from trusthop.spiffe import trust_domain_of, validate_spiffe_id
 from trusthop.verify import check_scope
 from trusthop.x509svid import certificate_window, check_leaf, load_chain

@@ -50,16 +50,9 @@ import math
 from dataclasses import dataclass
 
 from trusthop.bundle import BundleKey, TrustBundle
-from trusthop.chain import (
-    Chain,
-    HopRing,
-    OriginRing,
-    Ring,
-    decode_chain,
-    link_tag,
-    positional_constructor,
-)
+from trusthop.chain import Chain, HopRing, OriginRing, Ring, decode_chain
 from trusthop.errors import Reason, TrustError
+from trusthop.rings import link_tag, positional_constructor
 from trusthop.x509svid import validate_svid
 
 

@@ -58,9 +58,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from trusthop.chain import MAX_X5C_CERT_BYTES, MAX_X5C_CERTS
 from trusthop.errors import Reason, TrustError
 from trusthop.keys import PublicKey
+from trusthop.rings import MAX_X5C_CERT_BYTES, MAX_X5C_CERTS
 from trusthop.spiffe import SpiffeId
 
 MAX_CERTS = MAX_X5C_CERTS

@@ -61,8 +61,8 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from trusthop.canonical import EncodingError, b64url_decode
-from trusthop.chain import MAX_TEXT
 from trusthop.errors import Reason, TrustError
+from trusthop.rings import MAX_TEXT
 
 RS256: Final = "RS256"
 ES256: Final = "ES256"

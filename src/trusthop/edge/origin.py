@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Iterable
 
-from trusthop.chain import MAX_SCOPE_ENTRIES, OriginRing
+from trusthop.chain import OriginRing
 from trusthop.edge.jwks import JwksClient, JwksKeySet
 from trusthop.edge.jwt import (
     DEFAULT_LEEWAY,
@@ -38,6 +38,7 @@ from trusthop.edge.jwt import (
     verify_parts,
 )
 from trusthop.errors import Reason, TrustError
+from trusthop.rings import MAX_SCOPE_ENTRIES
 from trusthop.sign import DEFAULT_ORIGIN_TTL, Identity, hash_credential, mint_origin
 
 
