@@ -30,7 +30,7 @@ from trusthop.chain import Chain, HopRing, OriginRing, Ring
 from trusthop.digest import canonical_json
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
-from trusthop.keys import SigningKey
+from trusthop.keys import PublicKey, SigningKey
 from trusthop.rings import (
     HOP_DOMAIN,
     K_ACTOR,
@@ -352,3 +352,17 @@ def edit_ring(encoded: str, index: int, change: Callable[[dict[int, Any]], Any])
 # subject="user:bob")``) has a ring hash with the same 16-bit link tag as
 # ``build_story()``'s origin, found once by search (each use asserts it).
 TAG_TWIN_TXN = "txn-collide-30925"
+
+
+def count_signature_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Wrap ``PublicKey.verify`` for one test: one entry per signature check
+    (counted, never timed)."""
+    calls: list[int] = []
+    original = PublicKey.verify
+
+    def counting(self: PublicKey, signature: bytes, message: bytes) -> bool:
+        calls.append(1)
+        return original(self, signature, message)
+
+    monkeypatch.setattr(PublicKey, "verify", counting)
+    return calls

@@ -21,6 +21,7 @@ from chainkit import (
     FixedClock,
     Story,
     build_story,
+    count_signature_checks,
     encode_segments,
     make_bundle,
     sign_ring,
@@ -31,7 +32,6 @@ from trusthop.admission import Admission
 from trusthop.chain import Chain
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
-from trusthop.keys import PublicKey
 from trusthop.pipeline import ChainVerifier
 from trusthop.replay import DeliveryInfo, DeliveryKind, Sighting, sighting_key
 from trusthop.stores import Change, MemoryReplayStore, StoreError
@@ -56,15 +56,7 @@ def make(clock: FixedClock, *, store: object = "memory", limits: Limits = Limits
 @pytest.fixture
 def signatures(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """One entry per ``PublicKey.verify`` call (signature checks, counted)."""
-    calls: list[int] = []
-    original = PublicKey.verify
-
-    def counting(self: PublicKey, signature: bytes, message: bytes) -> bool:
-        calls.append(1)
-        return original(self, signature, message)
-
-    monkeypatch.setattr(PublicKey, "verify", counting)
-    return calls
+    return count_signature_checks(monkeypatch)
 
 
 async def reason_of(coro: object) -> Reason:

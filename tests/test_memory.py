@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from chainkit import count_signature_checks
 from cloudevents.core.v1.event import CloudEvent
 
 from trusthop import (
@@ -21,7 +22,6 @@ from trusthop import (
     TrustedEvent,
     mint_origin,
 )
-from trusthop.keys import PublicKey
 from trusthop.memory import (
     H_NOT_BEFORE,
     H_RETRY,
@@ -363,14 +363,7 @@ def test_each_group_verifies_a_broadcast_once_with_one_signature_check(
     broker = MemoryBroker()
     asyncio.run(_publish(broker, 1))
     verifier = ChainVerifier(BUNDLE)  # one process: one verified-prefix cache
-    checks: list[int] = []
-    original = PublicKey.verify
-
-    def counting(self: PublicKey, signature: bytes, message: bytes) -> bool:
-        checks.append(1)
-        return original(self, signature, message)
-
-    monkeypatch.setattr(PublicKey, "verify", counting)
+    checks = count_signature_checks(monkeypatch)
     seen: dict[str, list[str]] = {}
     for group in ("mailer", "tracker"):
         handler = Recorder()

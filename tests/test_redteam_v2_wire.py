@@ -16,6 +16,7 @@ from chainkit import (
     T0,
     append_hop,
     build_story,
+    count_signature_checks,
     make_event,
     mint_origin,
 )
@@ -26,7 +27,7 @@ from trusthop.canonical import b64url_encode
 from trusthop.chain import Chain, decode_chain
 from trusthop.errors import Reason, TrustError
 from trusthop.event import WireEvent
-from trusthop.keys import PublicKey, SigningKey
+from trusthop.keys import SigningKey
 from trusthop.pipeline import ChainVerifier
 from trusthop.sign import Identity
 from trusthop.verify import Limits, verify_chain
@@ -52,15 +53,7 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.fixture
 def signatures(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    real = PublicKey.verify
-
-    def counting(self: PublicKey, signature: bytes, message: bytes) -> bool:
-        calls.append(1)
-        return real(self, signature, message)
-
-    monkeypatch.setattr(PublicKey, "verify", counting)
-    return calls
+    return count_signature_checks(monkeypatch)
 
 
 def _verify(text: str, limits: Limits = Limits(), verifier: ChainVerifier | None = None,

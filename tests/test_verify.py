@@ -43,6 +43,7 @@ from chainkit import (
     Story,
     body_map,
     build_story,
+    count_signature_checks,
     edit_ring,
     encode_rings,
     encode_segments,
@@ -65,7 +66,6 @@ from trusthop.canonical import pack
 from trusthop.chain import Chain, HopRing, Ring, decode_chain
 from trusthop.destination import amqp_destination, kafka_destination
 from trusthop.errors import Reason, TrustError
-from trusthop.keys import PublicKey
 from trusthop.rings import (
     HOP_DOMAIN,
     K_ACTOR,
@@ -954,15 +954,7 @@ def key_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.fixture
 def count_signatures(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """One entry per signature verification."""
-    calls: list[int] = []
-    original = PublicKey.verify
-
-    def counting(self: PublicKey, signature: bytes, message: bytes) -> bool:
-        calls.append(1)
-        return original(self, signature, message)
-
-    monkeypatch.setattr(PublicKey, "verify", counting)
-    return calls
+    return count_signature_checks(monkeypatch)
 
 
 @pytest.fixture
